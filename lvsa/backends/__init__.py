@@ -1,0 +1,1 @@
+"""Backends shipped inside the core distribution (only the reference)."""

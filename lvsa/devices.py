@@ -1,0 +1,176 @@
+"""The one module that knows devices: CUDA, Ascend NPU and CPU.
+
+Everything else asks here. Probing never raises: a broken ``torch_npu`` install
+(CANN missing, ``libhccl.so`` not found) is reported as a reason, not a crash.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    kind: str  # "cuda" | "npu" | "cpu"
+    index: Optional[int] = None
+    name: str = ""
+    compute_capability: Optional[Tuple[int, int]] = None
+    total_memory: Optional[int] = None  # bytes
+
+    def describe(self) -> str:
+        s = f"{self.kind}:{self.index}" if self.index is not None else self.kind
+        if self.name:
+            s += f" {self.name}"
+        if self.compute_capability:
+            s += f" (sm_{self.compute_capability[0]}{self.compute_capability[1]})"
+        if self.total_memory:
+            s += f" {self.total_memory / 2**30:.1f} GiB"
+        return s
+
+
+@dataclass(frozen=True)
+class NpuStatus:
+    """What the Ascend probe found. ``available`` only when every step worked."""
+
+    installed: bool
+    importable: bool
+    available: bool
+    device_count: int = 0
+    reason: Optional[str] = None
+    devices: Tuple[DeviceInfo, ...] = field(default_factory=tuple)
+
+
+def probe_npu() -> NpuStatus:
+    """Probe Ascend: torch_npu found → imported → ``torch.npu.is_available()``."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return NpuStatus(False, False, False, reason="torch_npu is not installed (pip install torch-npu)")
+    try:
+        importlib.import_module("torch_npu")
+    except Exception as e:  # noqa: BLE001 - a broken CANN install raises anything
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return NpuStatus(True, False, False, reason=(
+            f"torch_npu is installed but fails to import ({type(e).__name__}: {msg}); "
+            "source <CANN>/set_env.sh (CANN toolkit) or set TORCH_DEVICE_BACKEND_AUTOLOAD=0 "
+            "if torch itself fails to import"))
+    npu = getattr(torch, "npu", None)
+    try:
+        ok = bool(npu is not None and npu.is_available())
+        count = int(npu.device_count()) if ok else 0
+    except Exception as e:  # noqa: BLE001
+        return NpuStatus(True, True, False, reason=f"torch.npu.is_available() raised {type(e).__name__}: {e}")
+    if not ok or count == 0:
+        return NpuStatus(True, True, False, reason="torch_npu imports but no NPU is visible "
+                         "(check npu-smi info and ASCEND_RT_VISIBLE_DEVICES)")
+    devs = []
+    for i in range(count):
+        name = ""
+        total = None
+        try:
+            name = str(npu.get_device_name(i))
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            total = int(npu.mem_get_info(i)[1])
+        except Exception:  # noqa: BLE001
+            pass
+        devs.append(DeviceInfo("npu", i, name, None, total))
+    return NpuStatus(True, True, True, count, None, tuple(devs))
+
+
+@functools.lru_cache(maxsize=None)
+def _npu_status_cached() -> NpuStatus:
+    return probe_npu()
+
+
+def npu_status(refresh: bool = False) -> NpuStatus:
+    if refresh:
+        _npu_status_cached.cache_clear()
+    return _npu_status_cached()
+
+
+def cuda_devices() -> List[DeviceInfo]:
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(DeviceInfo("cuda", i, p.name, (p.major, p.minor), int(p.total_memory)))
+    return out
+
+
+def compute_capability(device) -> Optional[Tuple[int, int]]:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def all_devices() -> List[DeviceInfo]:
+    """Every accelerator found, then the CPU."""
+    devs = cuda_devices()
+    st = npu_status()
+    devs.extend(st.devices)
+    devs.append(DeviceInfo("cpu", None, "CPU"))
+    return devs
+
+
+def default_device_kind() -> str:
+    """The device kind a new run would use: cuda, then npu, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if npu_status().available:
+        return "npu"
+    return "cpu"
+
+
+def default_device() -> torch.device:
+    kind = default_device_kind()
+    return torch.device(kind if kind == "cpu" else f"{kind}:0")
+
+
+# -------------------------------------------------------------- memory/sync
+def _accel_module(kind: str):
+    if kind == "cuda":
+        return torch.cuda
+    if kind == "npu":
+        return getattr(torch, "npu", None)
+    return None
+
+
+def synchronize(device) -> None:
+    device = torch.device(device)
+    mod = _accel_module(device.type)
+    if mod is not None:
+        mod.synchronize(device)
+
+
+def memory_stats(device) -> Optional[dict]:
+    """Allocator figures in bytes for a CUDA or NPU device (``None`` on CPU)."""
+    device = torch.device(device)
+    mod = _accel_module(device.type)
+    if mod is None:
+        return None
+    idx = device.index if device.index is not None else mod.current_device()
+    return {
+        "kind": device.type, "index": idx,
+        "alloc": int(mod.memory_allocated(idx)),
+        "reserved": int(mod.memory_reserved(idx)),
+        "peak": int(mod.max_memory_allocated(idx)),
+    }
+
+
+def reset_peak_memory(device) -> None:
+    device = torch.device(device)
+    mod = _accel_module(device.type)
+    if mod is not None:
+        mod.reset_peak_memory_stats(device)
+
+
+def collective_backend(kind: str) -> str:
+    """torch.distributed backend for a device kind."""
+    return {"cuda": "nccl", "npu": "hccl"}.get(kind, "gloo")

@@ -1,0 +1,202 @@
+"""The per-model runtime: geometry → schedule → mask per step → dispatch, with telemetry.
+
+Integrations (``lvsa.integrations``) create one :class:`Engine` per pipeline and call
+:meth:`Engine.attention` from their attention processors. The denoising step reaches
+the engine through :meth:`Engine.set_step` from the pipeline's step callback, so the
+keyframe rotation follows real steps whether CFG is batched or not.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from . import telemetry
+from .config import Config, GeometryResult, detect_geometry
+from .ops import dense_attention
+from .schedule import plan_schedule
+
+
+class Engine:
+    """Sparse attention for one model.
+
+    Parameters
+    ----------
+    family : str, optional
+        ``wan`` | ``hunyuan`` | ``cogvideox``: picks the default reference horizon and
+        names the ``origin`` of log lines.
+    config : Config, optional
+        A loaded configuration; ``settings`` are applied on top as keyword arguments.
+    world_size : int
+        Context-parallel world size (rank-boundary frames become fixed globals).
+    """
+
+    def __init__(self, family: Optional[str] = None, config: Optional[Config] = None,
+                 world_size: int = 1, **settings):
+        if config is None:
+            config = Config.load(**settings)
+        elif settings:
+            config = config.replace(**settings)
+        self.config = config
+        self.family = family or "generic"
+        self.world_size = world_size
+        self.step = 0
+        self._ppf: Tuple[int, ...] = config.candidate_ppf()
+        self._expected_T: Optional[int] = config.total_latent_frames
+        self._reference: int = config.reference_for(family)
+        self._geo_cache: Dict[Tuple[int, int], GeometryResult] = {}
+        self._gen: Dict[str, Any] = {}
+        self._last_device = None
+        self._step_t0: Optional[float] = None
+        self.begin_generation(announce=False)
+
+    # ----------------------------------------------------------- geometry
+    def set_geometry(self, patches_per_frame=None, latent_frames: Optional[int] = None,
+                     text_len: Optional[int] = None, reference: Optional[int] = None,
+                     known_reference: Optional[int] = None, vae_temporal_factor: Optional[int] = None):
+        """Geometry from the pipeline at call time; ``LVSA_*``/settings the user set win.
+
+        ``known_reference`` is the model's training horizon; a different effective
+        reference is a loud warning naming both (troubleshooting Symptom 4).
+        """
+        cfg = self.config
+        user_ppf = cfg.is_set("patches_per_frame") or cfg.is_set("video_height") or cfg.is_set("video_width")
+        if patches_per_frame is not None and not user_ppf:
+            p = patches_per_frame
+            self._ppf = tuple(p) if isinstance(p, (tuple, list)) else (int(p),)
+        if latent_frames is not None and not cfg.is_set("total_latent_frames"):
+            self._expected_T = int(latent_frames)
+        if cfg.is_set("reference_latent_frames"):
+            self._reference = cfg.reference_latent_frames
+        elif reference is not None:
+            self._reference = int(reference)
+        if known_reference is not None and known_reference != self._reference:
+            telemetry.emit("warning", message=(
+                f"reference_latent_frames={self._reference} but this {self.family} model was trained "
+                f"at {known_reference} latent frames: the schedule budget is wrong (Symptom 4); "
+                f"set LVSA_REFERENCE_LATENT_FRAMES={known_reference} unless this is intended"))
+        self._geo_cache.clear()
+
+    @property
+    def reference(self) -> int:
+        return self._reference
+
+    def detect(self, seq_len: int, text_len: int = 0) -> GeometryResult:
+        key = (seq_len, text_len)
+        g = self._geo_cache.get(key)
+        if g is None:
+            g = detect_geometry(seq_len + text_len, self._ppf, text_len, self.config.total_latent_frames)
+            if g.ok and self._expected_T is not None and g.T != self._expected_T:
+                g = GeometryResult(seq_len + text_len, text_len, reason="geometry_detect",
+                                   detail={"known_ppf": list(self._ppf), "expected_T": self._expected_T,
+                                           "found_T": g.T})
+            self._geo_cache[key] = g
+        return g
+
+    def schedule(self, T: int, P: int):
+        c = self.config
+        return plan_schedule(
+            T, c.latent_window(), c.latent_first_frames(), self._reference, c.sparsity_scale,
+            None if c.auto_keyframes else c.key_frame_interval, c.expand_window,
+            c.rotate_keyframes, self.world_size, P if self.world_size > 1 else None)
+
+    # ------------------------------------------------------------- steps
+    def begin_generation(self, announce: bool = True):
+        """Start a generation: counters reset, ``engaged``/schedule lines print once again."""
+        self.step = 0
+        self._gen = {"sparse": 0, "dense": 0, "fallback": 0, "fallback_reasons": {}, "backend": None,
+                     "announced": set(), "mask_logged": set(), "T": None, "P": None,
+                     "extension_ratio": None, "t0": time.perf_counter()}
+        self._step_t0 = None
+        if announce:
+            telemetry.new_generation()
+
+    def set_step(self, step: int):
+        """Called from the pipeline's step callback with the index of the step about to run."""
+        now = time.perf_counter()
+        self._close_step(now)
+        self.step = int(step)
+        self._step_t0 = now
+
+    def _close_step(self, now: float):
+        c = self.config
+        if self._step_t0 is not None:
+            if c.step_time_log:
+                if self._last_device is not None:
+                    from .devices import synchronize
+                    synchronize(self._last_device)
+                    now = time.perf_counter()
+                telemetry.emit("step_time", step=self.step, dt=now - self._step_t0)
+            if c.mem_log and self._last_device is not None:
+                from .devices import memory_stats
+                st = memory_stats(self._last_device)
+                if st is not None:
+                    telemetry.emit("memory", step=self.step, **st)
+
+    def end_generation(self) -> Dict[str, Any]:
+        self._close_step(time.perf_counter())
+        self._step_t0 = None
+        g = self._gen
+        return {"backend": g["backend"], "sparse_calls": g["sparse"], "dense_calls": g["dense"],
+                "fallbacks": g["fallback"], "fallbacks_by_reason": dict(g["fallback_reasons"]),
+                "T": g["T"], "P": g["P"], "reference": self._reference,
+                "extension_ratio": g["extension_ratio"]}
+
+    # --------------------------------------------------------- attention
+    def _fallback(self, origin, reason, seq_len, **detail):
+        g = self._gen
+        g["fallback"] += 1
+        g["fallback_reasons"][reason] = g["fallback_reasons"].get(reason, 0) + 1
+        telemetry.emit("fallback", origin=origin, reason=reason, seq_len=seq_len, **detail)
+
+    def attention(self, q, k, v, text_k=None, text_v=None, scale=None, origin: Optional[str] = None):
+        """Self-attention of the video queries; see :func:`lvsa.attention` for shapes."""
+        origin = origin or self.family
+        S = q.shape[1]
+        L = 0 if text_k is None else text_k.shape[1]
+        if q.device.type != "cpu":
+            self._last_device = q.device
+        geo = self.detect(S, L)
+        if not geo.ok:
+            self._fallback(origin, geo.reason, S + L, **geo.detail)
+            return dense_attention(q, k, v, text_k, text_v, scale)
+        sched = self.schedule(geo.T, geo.P)
+        mask = sched.mask_for_step(self.step)
+        g = self._gen
+        g["T"], g["P"], g["extension_ratio"] = geo.T, geo.P, sched.extension_ratio
+        if ("schedule", geo.T, geo.P) not in g["announced"]:
+            g["announced"].add(("schedule", geo.T, geo.P))
+            s = mask.summary()
+            telemetry.emit("schedule", T=geo.T, P=geo.P, reference=self._reference,
+                           extension_ratio=sched.extension_ratio, kfi=sched.key_frame_interval,
+                           auto=sched.auto, global_count=s.global_count, attended_max=s.attended_max,
+                           attended_min=s.attended_min, sparsity=mask.sparsity())
+        if self.config.mask_log is not None:
+            from .config import mask_log_wants
+            if self.step not in g["mask_logged"] and mask_log_wants(
+                    self.config.mask_log, self.step, bool(g["mask_logged"])):
+                g["mask_logged"].add(self.step)
+                telemetry.emit("mask", step=self.step, offset=mask.offset, sparsity=mask.sparsity(),
+                               picture=mask.to_string())
+        if mask.is_dense:
+            out = dense_attention(q, k, v, text_k, text_v, scale)
+            backend_name = "dense"
+        else:
+            from .dispatch import run_attention
+            out, backend_name, fell_back = run_attention(q, k, v, mask, text_k, text_v, scale,
+                                                         config=self.config, origin=origin)
+            if fell_back:
+                g["fallback"] += 1
+                g["fallback_reasons"]["backend_error"] = g["fallback_reasons"].get("backend_error", 0) + 1
+        if "engaged" not in g["announced"]:
+            g["announced"].add("engaged")
+            g["backend"] = backend_name
+            telemetry.emit("engaged", origin=origin, T=geo.T, P=geo.P, seq_len=S + L,
+                           kfi=sched.key_frame_interval, W=sched.window,
+                           global_count=len(mask.globals), dense=mask.is_dense, backend=backend_name)
+        if mask.is_dense:
+            g["dense"] += 1
+            telemetry.emit("call", mode="dense", origin=origin)
+        else:
+            g["sparse"] += 1
+            telemetry.emit("call", mode="sparse", backend=backend_name, origin=origin)
+        return out

@@ -1,0 +1,255 @@
+"""The frame-granular block mask that every backend executes.
+
+A :class:`BlockMask` says, for each query latent frame ``f`` of a video of ``T``
+frames, which key frames it attends to. The structure is always
+
+    attended(f) = globals  ∪  [window_lo[f], window_hi[f]]
+
+(the window is absent when the window half-width is 0). Token ``i`` of the video
+sequence belongs to frame ``i // P``; text tokens, when present, are attended by
+every video query and are not part of the mask.
+
+The object is immutable and plain Python; tensors for kernels are built on demand
+by the backends (see :meth:`BlockMask.csr_tensors`) and cached per device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class MaskSummary:
+    """The figures the ``[LVSA]`` log lines print."""
+
+    num_frames: int
+    global_count: int
+    attended_min: int
+    attended_mean: float
+    attended_max: int
+    density: float
+    extension_ratio: Optional[float]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMask:
+    """Which key frames each query frame attends to.
+
+    Parameters
+    ----------
+    num_frames : int
+        ``T``, latent frames.
+    globals_ : tuple of int
+        Sorted global (anchor) frames, attended by every query frame.
+    windows : tuple of (int, int) or None
+        Inclusive ``(lo, hi)`` window per query frame; ``None`` when there is no
+        window (``W = 0``, globals only).
+    key_frame_interval : int
+        The keyframe interval the globals were laid out with.
+    offset : int
+        Rotation offset of the keyframe grid.
+    tokens_per_frame : int, optional
+        ``P``; needed only for token-level views.
+    reference_frames : int, optional
+        The model's training horizon, for :attr:`extension_ratio`.
+    """
+
+    num_frames: int
+    globals_: Tuple[int, ...]
+    windows: Optional[Tuple[Tuple[int, int], ...]]
+    key_frame_interval: int = 1
+    offset: int = 0
+    tokens_per_frame: Optional[int] = None
+    reference_frames: Optional[int] = None
+    _attended: Tuple[Tuple[int, ...], ...] = field(init=False, repr=False)
+    _tensor_cache: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        T = self.num_frames
+        if T < 1:
+            raise ValueError(f"BlockMask needs num_frames >= 1, got {T}")
+        g = tuple(self.globals_)
+        if any(not (0 <= x < T) for x in g) or list(g) != sorted(set(g)):
+            raise ValueError(f"globals must be sorted, unique frames in [0, {T}), got {g}")
+        if self.windows is not None:
+            if len(self.windows) != T:
+                raise ValueError(f"need one window per frame ({T}), got {len(self.windows)}")
+            for f, (lo, hi) in enumerate(self.windows):
+                if not (0 <= lo <= hi < T):
+                    raise ValueError(f"window of frame {f} is ({lo}, {hi}), outside [0, {T})")
+        gset = set(g)
+        rows = []
+        for f in range(T):
+            if self.windows is None:
+                rows.append(g)
+            else:
+                lo, hi = self.windows[f]
+                rows.append(tuple(sorted(gset.union(range(lo, hi + 1)))))
+        object.__setattr__(self, "_attended", tuple(rows))
+        object.__setattr__(self, "_tensor_cache", {})
+
+    # ------------------------------------------------------------------ views
+    @property
+    def globals(self) -> Tuple[int, ...]:
+        return self.globals_
+
+    def attended(self, frame: int) -> Tuple[int, ...]:
+        """Sorted key frames attended by query frame ``frame``."""
+        return self._attended[frame]
+
+    @property
+    def attended_lists(self) -> Tuple[Tuple[int, ...], ...]:
+        return self._attended
+
+    def window(self, frame: int) -> Optional[Tuple[int, int]]:
+        return None if self.windows is None else self.windows[frame]
+
+    @property
+    def is_dense(self) -> bool:
+        """Every query frame attends to every frame (dense by design)."""
+        T = self.num_frames
+        return all(len(r) == T for r in self._attended)
+
+    def nnz(self) -> int:
+        """Number of attended (query frame, key frame) blocks."""
+        return sum(len(r) for r in self._attended)
+
+    def density(self) -> float:
+        return self.nnz() / float(self.num_frames * self.num_frames)
+
+    def sparsity(self) -> float:
+        """Fraction of frame blocks skipped (0 = dense)."""
+        return 1.0 - self.density()
+
+    @property
+    def extension_ratio(self) -> Optional[float]:
+        if not self.reference_frames:
+            return None
+        return self.num_frames / float(self.reference_frames)
+
+    def summary(self) -> MaskSummary:
+        counts = [len(r) for r in self._attended]
+        return MaskSummary(
+            num_frames=self.num_frames,
+            global_count=len(self.globals_),
+            attended_min=min(counts),
+            attended_mean=sum(counts) / len(counts),
+            attended_max=max(counts),
+            density=self.density(),
+            extension_ratio=self.extension_ratio,
+        )
+
+    # ------------------------------------------------------------- CSR form
+    @property
+    def indptr(self) -> Tuple[int, ...]:
+        """CSR row pointers over query frames, length ``T + 1``."""
+        out = [0]
+        for r in self._attended:
+            out.append(out[-1] + len(r))
+        return tuple(out)
+
+    @property
+    def indices(self) -> Tuple[int, ...]:
+        """CSR column indices (key frames), concatenated rows, each sorted."""
+        return tuple(c for r in self._attended for c in r)
+
+    def csr_tensors(self, device=None):
+        """``(indptr, indices)`` as int32 torch tensors on ``device``, cached."""
+        import torch
+
+        key = ("csr", str(device))
+        hit = self._tensor_cache.get(key)
+        if hit is None:
+            hit = (
+                torch.tensor(self.indptr, dtype=torch.int32, device=device),
+                torch.tensor(self.indices, dtype=torch.int32, device=device),
+            )
+            self._tensor_cache[key] = hit
+        return hit
+
+    def cached(self, key, build):
+        """Per-mask cache for derived objects (backend plans, tensors)."""
+        hit = self._tensor_cache.get(key)
+        if hit is None:
+            hit = build()
+            self._tensor_cache[key] = hit
+        return hit
+
+    # ------------------------------------------------------------ dense form
+    def to_dense(self, level: str = "frame", tokens_per_frame: Optional[int] = None):
+        """Boolean attention mask, ``True`` = attended.
+
+        ``level="frame"`` gives ``[T, T]``; ``level="token"`` gives ``[T*P, T*P]``
+        (for small sizes only: it refuses more than 2**26 elements).
+        """
+        import torch
+
+        T = self.num_frames
+        m = torch.zeros(T, T, dtype=torch.bool)
+        for f, r in enumerate(self._attended):
+            m[f, list(r)] = True
+        if level == "frame":
+            return m
+        if level != "token":
+            raise ValueError(f"level must be 'frame' or 'token', got {level!r}")
+        P = tokens_per_frame or self.tokens_per_frame
+        if not P:
+            raise ValueError("token-level to_dense needs tokens_per_frame (P)")
+        if (T * P) ** 2 > 2**26:
+            raise ValueError(
+                f"token-level mask of {T * P}x{T * P} is too large to materialise; "
+                "use the frame-level mask or CSR"
+            )
+        return m.repeat_interleave(P, 0).repeat_interleave(P, 1)
+
+    def to_string(self, max_frames: int = 200) -> str:
+        """One row per query frame: ``G`` global, ``W`` window, ``X`` both,
+        ``.`` skipped; the attended count ends each row."""
+        T = self.num_frames
+        if T > max_frames:
+            return f"<BlockMask picture omitted: T={T} > {max_frames}>"
+        gset = set(self.globals_)
+        width = len(str(T))
+        lines = []
+        for f in range(T):
+            lo, hi = self.windows[f] if self.windows is not None else (1, 0)
+            row = []
+            for c in range(T):
+                g = c in gset
+                w = lo <= c <= hi
+                row.append("X" if g and w else "G" if g else "W" if w else ".")
+            lines.append(f"{f:>{width}} {''.join(row)} {len(self._attended[f])}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        P = f", P={self.tokens_per_frame}" if self.tokens_per_frame else ""
+        return (
+            f"BlockMask(T={self.num_frames}{P}, kfi={self.key_frame_interval}, "
+            f"offset={self.offset}, globals={len(self.globals_)}, "
+            f"sparsity={self.sparsity():.3f})"
+        )
+
+    def __eq__(self, other):
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        return (self.num_frames, self.globals_, self.windows) == (
+            other.num_frames, other.globals_, other.windows)
+
+    def __hash__(self):
+        return hash((self.num_frames, self.globals_, self.windows))
+
+
+def dense_mask(num_frames: int, **kw) -> BlockMask:
+    """A mask in which every frame attends to every frame."""
+    return BlockMask(num_frames, tuple(range(num_frames)), None, key_frame_interval=1, **kw)
+
+
+def token_ranges(frames: Sequence[int]):
+    """Merge sorted frames into inclusive runs ``[(a, b), ...]``."""
+    runs = []
+    for f in frames:
+        if runs and runs[-1][1] == f - 1:
+            runs[-1][1] = f
+        else:
+            runs.append([f, f])
+    return [tuple(r) for r in runs]
