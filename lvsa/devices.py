@@ -157,7 +157,7 @@ def memory_stats(device) -> Optional[dict]:
         return None
     idx = device.index if device.index is not None else mod.current_device()
     return {
-        "kind": device.type, "index": idx,
+        "device_kind": device.type, "index": idx,
         "alloc": int(mod.memory_allocated(idx)),
         "reserved": int(mod.memory_reserved(idx)),
         "peak": int(mod.max_memory_allocated(idx)),

@@ -187,7 +187,7 @@ class DefaultSink:
             self._print(f"[LVSA-MASK] step={f['step']} offset={f['offset']} sparsity={f['sparsity']:.3f}\n"
                         + f["picture"])
         elif k == "memory":
-            self._print(f"[LVSA-MEM] step={f['step']} {f['kind']}={f['index']} alloc={_gb(f['alloc'])} "
+            self._print(f"[LVSA-MEM] step={f['step']} {f['device_kind']}={f['index']} alloc={_gb(f['alloc'])} "
                         f"reserved={_gb(f['reserved'])} peak={_gb(f['peak'])}")
         elif k == "step_time":
             self._print(f"[LVSA-TIME] step={f['step']} dt={f['dt']:.3f}s")

@@ -1,0 +1,156 @@
+"""Selection precedence, strict refusals, auto walk with reasons, run-time fallback."""
+import pytest
+import torch
+
+import lvsa
+from lvsa import dispatch, plugins, telemetry
+from lvsa.backend import Problem
+from lvsa.backends.reference import ReferenceBackend
+from lvsa.hookspecs import hookimpl
+
+
+class CudaOnly(ReferenceBackend):
+    name = "cudaonly"
+    devices = ("cuda",)
+    min_compute_capability = (9, 0)
+    requires = ("a_package_that_does_not_exist_lvsa",)
+
+
+class Exploding(ReferenceBackend):
+    name = "exploding"
+
+    def run(self, handle, *a, **kw):
+        raise RuntimeError("kernel launch failed: too many resources requested")
+
+
+class Marker(ReferenceBackend):
+    name = "marker"
+    calls = 0
+
+    def run(self, handle, *a, **kw):
+        Marker.calls += 1
+        return super().run(handle, *a, **kw)
+
+
+class _Plugin:
+    def __init__(self, *bks):
+        self.bks = bks
+
+    @hookimpl
+    def lvsa_register_backends(self, register):
+        for b in self.bks:
+            register(b)
+
+
+@pytest.fixture
+def with_backends(fresh_plugins):
+    plugins.register_plugin(_Plugin(CudaOnly(), Exploding(), Marker()), name="test-backends",
+                            distribution="lvsa-tests")
+    Marker.calls = 0
+    yield
+
+
+def inputs(T=6, P=5):
+    mask = lvsa.plan_schedule(T, 1, 1, 2).mask(1)
+    q = torch.randn(2, T * P, 4, 8)
+    k = torch.randn(2, T * P, 2, 8)
+    return mask, q, k, torch.randn_like(k)
+
+
+def cpu_problem(**kw):
+    base = dict(device_kind="cpu", dtype=torch.bfloat16, batch=1, seq_len=100, num_heads=4,
+                num_kv_heads=4, head_dim=128, T=10, P=10)
+    base.update(kw)
+    return Problem(**base)
+
+
+def test_supports_reasons_name_actual_and_allowed(with_backends):
+    r = plugins.get_backend("cudaonly").supports(cpu_problem())
+    joined = " | ".join(r)
+    assert "device is cpu, cudaonly runs on cuda" in joined
+    assert "a_package_that_does_not_exist_lvsa" in joined and "pip install" in joined
+    r2 = CudaOnly().supports(cpu_problem(device_kind="cuda", compute_capability=(8, 0)))
+    assert any("compute capability is 8.0, needs >= 9.0" in x for x in r2)
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reasons(with_backends):
+    mask, q, k, v = inputs()
+    with pytest.raises(lvsa.BackendUnavailable) as e:
+        lvsa.attention(q, k, v, mask, backend="cudaonly")
+    assert "selected by argument" in str(e.value) and "runs on cuda" in str(e.value)
+    with pytest.raises(lvsa.UnknownBackend, match="unknown backend 'nope'.*registered:"):
+        lvsa.attention(q, k, v, mask, backend="nope")
+
+
+def test_precedence_argument_context_env(with_backends, monkeypatch):
+    mask, q, k, v = inputs()
+    monkeypatch.setenv("LVSA_BACKEND", "cudaonly")
+    with pytest.raises(lvsa.BackendUnavailable, match="selected by LVSA_BACKEND"):
+        lvsa.attention(q, k, v, mask)
+    with lvsa.use_backend("marker"):
+        lvsa.attention(q, k, v, mask)          # context beats the variable
+        assert Marker.calls == 1
+        lvsa.attention(q, k, v, mask, backend="reference")  # argument beats the context
+        assert Marker.calls == 1
+    monkeypatch.setenv("LVSA_BACKEND", "marker")
+    lvsa.attention(q, k, v, mask)
+    assert Marker.calls == 2
+
+
+def test_auto_walks_priority_and_records_refusals(with_backends, monkeypatch, capsys):
+    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("cudaonly", "notinstalled", "marker", "reference"))
+    sel = dispatch.select_backend(cpu_problem())
+    assert sel.name == "marker" and sel.auto and sel.source == "auto"
+    assert any("runs on cuda" in r for r in sel.refused["cudaonly"])
+    assert sel.refused["notinstalled"] == ["not installed (pip install notinstalled)"]
+    err = capsys.readouterr().err
+    assert "[LVSA] backend=marker (auto on cpu) refused: cudaonly:" in err
+
+
+def test_unlisted_third_party_backends_go_before_reference(with_backends):
+    order = dispatch.auto_order("cpu")
+    assert order[-1] == "reference" and "exploding" in order and "marker" in order
+
+
+def test_runtime_error_falls_back_to_reference_in_auto(with_backends, monkeypatch, capsys):
+    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("exploding", "reference"))
+    mask, q, k, v = inputs()
+    out = lvsa.attention(q, k, v, mask)
+    want = lvsa.attention(q, k, v, mask, backend="reference")
+    assert torch.equal(out, want)
+    err = capsys.readouterr().err
+    assert "[LVSA-FALLBACK] origin=lvsa.attention reason=backend_error seq_len=30 backend=exploding" in err
+    assert "too many resources" in err and "falling back to the REFERENCE backend" in err
+    assert telemetry.SESSION.fallbacks_by_reason["backend_error"] >= 1
+
+
+def test_strict_reraises(with_backends, monkeypatch):
+    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("exploding", "reference"))
+    monkeypatch.setenv("LVSA_STRICT", "1")
+    mask, q, k, v = inputs()
+    with pytest.raises(RuntimeError, match="too many resources"):
+        lvsa.attention(q, k, v, mask)
+
+
+def test_explicit_backend_error_is_not_swallowed(with_backends):
+    mask, q, k, v = inputs()
+    with pytest.raises(RuntimeError, match="too many resources"):
+        lvsa.attention(q, k, v, mask, backend="exploding")
+
+
+def test_plan_is_cached_per_mask_and_shape(with_backends):
+    calls = []
+
+    class Counting(ReferenceBackend):
+        name = "counting"
+
+        def plan(self, mask, problem):
+            calls.append(mask.offset)
+            return super().plan(mask, problem)
+
+    plugins.register_plugin(_Plugin(Counting()), name="counting")
+    sched = lvsa.plan_schedule(6, 1, 1, 2)
+    _, q, k, v = inputs()
+    for step in range(6):
+        lvsa.attention(q, k, v, sched.mask_for_step(step), backend="counting")
+    assert sorted(calls) == list(range(sched.key_frame_interval))

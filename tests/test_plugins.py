@@ -1,0 +1,108 @@
+"""Plugin loading through real entry points: discovery, allowlist, broken plugins, clashes."""
+import pytest
+import torch
+
+import lvsa
+from lvsa import plugins
+from lvsa.plugins import BackendNameClash
+
+BACKEND_SRC = '''
+from lvsa.backend import Backend
+from lvsa.hookspecs import hookimpl
+from lvsa.backends.reference import ReferenceBackend
+
+class {cls}(ReferenceBackend):
+    name = "{name}"
+    description = "test backend"
+
+@hookimpl
+def lvsa_register_backends(register):
+    register({cls}())
+'''
+
+
+def test_reference_registers_through_the_hook(fresh_plugins):
+    pm = plugins.plugin_manager()
+    names = [pm.get_name(i.plugin) for i in pm.hook.lvsa_register_backends.get_hookimpls()]
+    assert "lvsa.reference" in names
+    ref = plugins.backends()["reference"]
+    assert ref.distribution == "lvsa"
+
+
+def test_entry_point_backend_is_loaded_with_its_distribution(fresh_plugins, make_dist):
+    make_dist("lvsa-fakebk", {"fakebk": "fakebk_mod"},
+              {"fakebk_mod": BACKEND_SRC.format(cls="Fake", name="fake")})
+    bk = plugins.backends()
+    assert "fake" in bk and bk["fake"].distribution == "lvsa-fakebk"
+    rec = [r for r in plugins.plugin_records() if r.name == "fakebk"]
+    assert rec and rec[0].status == "loaded" and rec[0].distribution == "lvsa-fakebk"
+    # and it runs when named
+    m = lvsa.plan_schedule(3, 1, 1, 1).mask(0)
+    q = torch.randn(1, 6, 2, 4)
+    out = lvsa.attention(q, q, q, m, backend="fake")
+    assert torch.allclose(out, lvsa.attention(q, q, q, m, backend="reference"))
+
+
+def test_allowlist(fresh_plugins, make_dist, monkeypatch):
+    make_dist("lvsa-fa", {"fa": "fa_mod"}, {"fa_mod": BACKEND_SRC.format(cls="A", name="fa")})
+    make_dist("lvsa-fb", {"fb": "fb_mod"}, {"fb_mod": BACKEND_SRC.format(cls="B", name="fb")})
+    monkeypatch.setenv("LVSA_LOAD_PLUGINS", "fb")
+    bk = plugins.backends()
+    assert "fb" in bk and "fa" not in bk
+    status = {r.name: r.status for r in plugins.plugin_records()}
+    assert status["fa"].startswith("skipped") and status["fb"] == "loaded"
+    plugins.reset()
+    monkeypatch.setenv("LVSA_LOAD_PLUGINS", "")
+    bk = plugins.backends()
+    assert "fa" not in bk and "fb" not in bk and "reference" in bk
+    with pytest.raises(lvsa.UnknownBackend, match="LVSA_LOAD_PLUGINS"):
+        plugins.get_backend("fa")
+
+
+def test_broken_plugin_is_reported_and_skipped(fresh_plugins, make_dist, capsys):
+    make_dist("lvsa-broken", {"broken": "broken_mod"},
+              {"broken_mod": "raise ImportError('libfoo.so: cannot open shared object file')\n"})
+    make_dist("lvsa-good", {"good": "good_mod"}, {"good_mod": BACKEND_SRC.format(cls="G", name="good")})
+    bk = plugins.backends()
+    assert "good" in bk and "reference" in bk
+    rec = {r.name: r for r in plugins.plugin_records()}
+    assert rec["broken"].status == "failed" and "libfoo.so" in rec["broken"].error
+    err = capsys.readouterr().err
+    assert "[LVSA-PLUGIN] plugin 'broken' from lvsa-broken failed to load and was skipped" in err
+
+
+def test_two_backends_with_one_name_is_a_clear_error(fresh_plugins, make_dist):
+    make_dist("lvsa-one", {"one": "one_mod"}, {"one_mod": BACKEND_SRC.format(cls="X", name="dup")})
+    make_dist("lvsa-two", {"two": "two_mod"}, {"two_mod": BACKEND_SRC.format(cls="Y", name="dup")})
+    with pytest.raises(BackendNameClash) as e:
+        plugins.backends()
+    assert "lvsa-one" in str(e.value) and "lvsa-two" in str(e.value) and "'dup'" in str(e.value)
+
+
+def test_event_sink_plugin_receives_events(fresh_plugins, make_dist):
+    make_dist("lvsa-sink", {"sink": "sink_mod"}, {"sink_mod": '''
+        from lvsa.hookspecs import hookimpl
+        EVENTS = []
+
+        @hookimpl
+        def lvsa_event(event):
+            EVENTS.append(event.kind)
+    '''})
+    import importlib
+    from lvsa import telemetry
+    telemetry.emit("fallback", origin="t", reason="r", seq_len=1)
+    assert "fallback" in importlib.import_module("sink_mod").EVENTS
+
+
+def test_import_lvsa_needs_only_torch(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "for m in ('pluggy','diffusers','triton','flashinfer','torch_npu','transformers'):\n"
+            "    sys.modules[m] = None\n"
+            "import lvsa\n"
+            "s = lvsa.plan_schedule(81, 3, 1, 21)\n"
+            "print(s.key_frame_interval)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "6"
