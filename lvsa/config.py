@@ -54,24 +54,22 @@ def _p_opt_int(lo):
     return parse
 
 
-def _p_pos_float(var, value):
-    try:
-        v = float(str(value).strip()) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        v = None
-    if v is None or not math.isfinite(v) or v <= 0:
-        _fail(var, value, "a finite number > 0")
-    return v
+def _p_float(lo, strict):
+    allowed = f"a finite number {'>' if strict else '>='} {lo:g}"
+
+    def parse(var, value):
+        try:
+            v = float(str(value).strip()) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            v = None
+        if v is None or not math.isfinite(v) or v < lo or (strict and v == lo):
+            _fail(var, value, allowed)
+        return v
+    return parse
 
 
-def _p_nonneg_float(var, value):
-    try:
-        v = float(str(value).strip()) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        v = None
-    if v is None or not math.isfinite(v) or v < 0:
-        _fail(var, value, "a finite number >= 0")
-    return v
+_p_pos_float = _p_float(0.0, strict=True)
+_p_nonneg_float = _p_float(0.0, strict=False)
 
 
 def _p_bool(var, value):
