@@ -150,13 +150,8 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
     npu = devices.npu_status()
     info["npu"] = {"installed": npu.installed, "importable": npu.importable,
                    "available": npu.available, "reason": npu.reason}
-    smi = {}
-    try:
-        from . import npu_smi
-        smi["npu-smi"] = npu_smi.query_summary() if hasattr(npu_smi, "query_summary") else None
-    except ImportError:
-        pass
-    info.update(smi)
+    if torch.cuda.is_available():
+        info["nvidia"] = devices.nvidia_inventory()
     kind = devices.default_device_kind()
     dev = next(d for d in devs if d.kind == kind)
     problem = Problem(device_kind=kind, dtype=getattr(torch, dtype), batch=1, seq_len=81 * 1560,
@@ -196,8 +191,13 @@ def cmd_info(args) -> int:
     print("devices: " + "; ".join(info["devices"]))
     n = info["npu"]
     print("ascend npu: " + ("available" if n["available"] else n["reason"]))
-    if info.get("npu-smi"):
-        print(f"npu-smi: {info['npu-smi']}")
+    nv = info.get("nvidia")
+    if nv:
+        if nv.get("source"):
+            print(f"nvidia ({nv['source']}): driver {nv['driver']}; " + "; ".join(
+                f"{g['index']}: {g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB" for g in nv["gpus"]))
+        else:
+            print(f"nvidia: {nv['reason']}")
     print(f"backends (for a typical problem: {info['problem']}):")
     for b in info["backends"]:
         src = f"{b['distribution']} {b['version']}" if b["distribution"] else "not installed"

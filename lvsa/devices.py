@@ -174,3 +174,53 @@ def reset_peak_memory(device) -> None:
 def collective_backend(kind: str) -> str:
     """torch.distributed backend for a device kind."""
     return {"cuda": "nccl", "npu": "hccl"}.get(kind, "gloo")
+
+
+# ------------------------------------------------------- vendor tools (smi)
+def nvidia_inventory() -> dict:
+    """Per-GPU name, driver and memory from NVML (nvidia-ml-py), else ``nvidia-smi``.
+
+    Returns ``{"source": "nvml"|"nvidia-smi", "driver": str, "gpus": [...]}`` or
+    ``{"source": None, "reason": "..."}``; never raises.
+    """
+    try:
+        import pynvml  # provided by nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                name = pynvml.nvmlDeviceGetName(h)
+                gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+                             "memory_used_mib": mem.used // 2**20, "memory_total_mib": mem.total // 2**20})
+            return {"source": "nvml", "driver": drv.decode() if isinstance(drv, bytes) else drv, "gpus": gpus}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # noqa: BLE001 - fall through to nvidia-smi
+        nvml_reason = f"NVML unavailable ({type(e).__name__}: {e})"
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return {"source": None, "reason": f"{nvml_reason}; nvidia-smi not found"}
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,name,driver_version,memory.used,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+    except Exception as e:  # noqa: BLE001
+        return {"source": None, "reason": f"{nvml_reason}; nvidia-smi failed: {e}"}
+    if out.returncode != 0:
+        return {"source": None, "reason": f"{nvml_reason}; nvidia-smi exited {out.returncode}: "
+                                          f"{out.stderr.strip()[:200]}"}
+    gpus, driver = [], ""
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            continue
+        idx, name, driver, used, total = parts
+        gpus.append({"index": int(idx), "name": name, "memory_used_mib": int(float(used)),
+                     "memory_total_mib": int(float(total))})
+    return {"source": "nvidia-smi", "driver": driver, "gpus": gpus}
