@@ -152,6 +152,8 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
                    "available": npu.available, "reason": npu.reason}
     if torch.cuda.is_available():
         info["nvidia"] = devices.nvidia_inventory()
+    from . import npu_smi
+    info["npu-smi"] = npu_smi.query_summary()
     kind = devices.default_device_kind()
     dev = next(d for d in devs if d.kind == kind)
     problem = Problem(device_kind=kind, dtype=getattr(torch, dtype), batch=1, seq_len=81 * 1560,
@@ -191,6 +193,8 @@ def cmd_info(args) -> int:
     print("devices: " + "; ".join(info["devices"]))
     n = info["npu"]
     print("ascend npu: " + ("available" if n["available"] else n["reason"]))
+    if info.get("npu-smi"):
+        print(f"npu-smi:\n  {info['npu-smi']}")
     nv = info.get("nvidia")
     if nv:
         if nv.get("source"):
