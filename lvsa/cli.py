@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -53,6 +54,13 @@ def _plan_inputs(args):
     from .config import Config
     from .schedule import get_preset, latent_frames, patches_per_frame
 
+    for flag, val, lo in (("--patches-per-frame", args.patches_per_frame, 1), ("--latent-frames", args.latent_frames, 1),
+                          ("--text-tokens", args.text_tokens, 0), ("--step", args.step, 0),
+                          ("--steps", args.steps, 0), ("--world-size", args.world_size, 1),
+                          ("--height", args.height, 1), ("--width", args.width, 1)):
+        if val is not None and val < lo:
+            raise ValueError(f"{flag} must be >= {lo}, got {val}")
+
     preset = get_preset(args.model)
     settings = {"window_size": args.window_size, "n_first_frames": args.n_first_frames,
                 "reference_latent_frames": args.reference_latent_frames,
@@ -63,7 +71,7 @@ def _plan_inputs(args):
         settings["rotate_keyframes"] = False
     if args.no_expand:
         settings["expand_window"] = False
-    if not Config.load().is_set("vae_temporal_factor"):
+    if "LVSA_VAE_TEMPORAL_FACTOR" not in os.environ and "LVSA_CONFIG" not in os.environ:
         settings["vae_temporal_factor"] = preset.vae_temporal_factor
     cfg = Config.load(**settings)
     if args.latent_frames is not None:

@@ -235,12 +235,11 @@ class Config:
     def _warn_deprecated(self):
         for name, var in (("schedule_start", "LVSA_SCHEDULE_START"), ("schedule_end", "LVSA_SCHEDULE_END")):
             if getattr(self, name):
-                warnings.warn(
-                    f"{var}={getattr(self, name)} is deprecated and has no effect on the schedule; "
-                    "use LVSA_SPARSITY_SCALE (e.g. 0.8 for a sparser run)",
-                    DeprecationWarning, stacklevel=3)
-                print(f"[LVSA] WARNING {var} is deprecated and ignored; use LVSA_SPARSITY_SCALE",
-                      flush=True)
+                msg = (f"{var}={getattr(self, name)} is deprecated and has no effect on the schedule; "
+                       "use LVSA_SPARSITY_SCALE (e.g. 0.8 for a sparser run)")
+                warnings.warn(msg, DeprecationWarning, stacklevel=3)
+                from . import telemetry  # lazy: only when the warning is due
+                telemetry.emit("warning", message=msg)
 
     def replace(self, **kwargs) -> "Config":
         by_name = {f.name: f for f in dataclasses.fields(self)}

@@ -107,7 +107,12 @@ def compute_capability(device) -> Optional[Tuple[int, int]]:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    return tuple(torch.cuda.get_device_capability(device))
+    return _cc(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cc(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def all_devices() -> List[DeviceInfo]:

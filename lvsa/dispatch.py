@@ -114,7 +114,8 @@ _selection_cache: Dict[tuple, Selection] = {}
 
 def select_backend(problem: Problem, requested: Optional[str] = None, config=None) -> Selection:
     name, source = requested_backend(requested, config)
-    key = (problem, name, source, id(plugins._state.pm))
+    plugins.plugin_manager()
+    key = (problem, name, source, plugins.generation())
     hit = _selection_cache.get(key)
     if hit is not None:
         return hit
@@ -172,7 +173,8 @@ def _timed_plan(backend, mask, problem):
 
 
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
-                  backend: Optional[str] = None, config=None, origin: str = "lvsa.attention"):
+                  backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
+                  validated: bool = False):
     """Validate, select, plan (cached) and run; the single fallback decision point.
 
     Returns ``(out, backend_name, fell_back)``.
@@ -181,12 +183,14 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
     from .ops import validate_inputs
 
     config = config or current_config()
-    validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check)
+    if not validated:
+        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check)
     problem = Problem.from_tensors(q, k, mask, text_k)
     sel = select_backend(problem, backend, config)
     try:
         handle = _plan(sel.backend, mask, problem)
         out = sel.backend.run(handle, q, k, v, text_k, text_v, scale)
+        telemetry.count_call("sparse", sel.name)
         return out, sel.name, False
     except Exception as e:  # noqa: BLE001 - decided below, never swallowed silently
         if not sel.auto or config.strict or sel.name == "reference":
@@ -194,9 +198,10 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         telemetry.emit("fallback", origin=origin, reason="backend_error",
                        seq_len=q.shape[1] + (0 if text_k is None else text_k.shape[1]),
-                       backend=sel.name, error=repr(msg), to="reference")
+                       backend=sel.name, error=repr(msg), to="reference", warn=config.warn_fallback)
         ref = plugins.get_backend("reference")
         out = ref.run(_plan(ref, mask, problem), q, k, v, text_k, text_v, scale)
+        telemetry.count_call("sparse", "reference")
         return out, "reference", True
 
 

@@ -47,6 +47,11 @@ class Engine:
         self._gen: Dict[str, Any] = {}
         self._last_device = None
         self._step_t0: Optional[float] = None
+        if config.window_size and not config.latent_window():
+            telemetry.emit("warning", message=(
+                f"window_size={config.window_size} video frames is W=0 latent frames "
+                f"(// vae_temporal_factor {config.vae_temporal_factor}): no local window, globals only; "
+                f"use LVSA_WINDOW_SIZE >= {config.vae_temporal_factor} for a window"))
         self.begin_generation(announce=False)
 
     # ----------------------------------------------------------- geometry
@@ -146,11 +151,15 @@ class Engine:
         g = self._gen
         g["fallback"] += 1
         g["fallback_reasons"][reason] = g["fallback_reasons"].get(reason, 0) + 1
-        telemetry.emit("fallback", origin=origin, reason=reason, seq_len=seq_len, **detail)
+        telemetry.emit("fallback", origin=origin, reason=reason, seq_len=seq_len, **detail,
+                       warn=self.config.warn_fallback)
 
     def attention(self, q, k, v, text_k=None, text_v=None, scale=None, origin: Optional[str] = None):
         """Self-attention of the video queries; see :func:`lvsa.attention` for shapes."""
+        from .ops import validate_inputs
+
         origin = origin or self.family
+        validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check)
         S = q.shape[1]
         L = 0 if text_k is None else text_k.shape[1]
         if q.device.type != "cpu":
@@ -183,7 +192,8 @@ class Engine:
         else:
             from .dispatch import run_attention
             out, backend_name, fell_back = run_attention(q, k, v, mask, text_k, text_v, scale,
-                                                         config=self.config, origin=origin)
+                                                         config=self.config, origin=origin,
+                                                         validated=True)
             if fell_back:
                 g["fallback"] += 1
                 g["fallback_reasons"]["backend_error"] = g["fallback_reasons"].get("backend_error", 0) + 1
@@ -195,8 +205,7 @@ class Engine:
                            global_count=len(mask.globals), dense=mask.is_dense, backend=backend_name)
         if mask.is_dense:
             g["dense"] += 1
-            telemetry.emit("call", mode="dense", origin=origin)
+            telemetry.count_call("dense")
         else:
             g["sparse"] += 1
-            telemetry.emit("call", mode="sparse", backend=backend_name, origin=origin)
         return out

@@ -63,6 +63,7 @@ class BlockMask:
     reference_frames: Optional[int] = None
     _attended: Tuple[Tuple[int, ...], ...] = field(init=False, repr=False)
     _tensor_cache: dict = field(init=False, repr=False, compare=False)
+    _is_dense: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         T = self.num_frames
@@ -85,8 +86,12 @@ class BlockMask:
             else:
                 lo, hi = self.windows[f]
                 rows.append(tuple(sorted(gset.union(range(lo, hi + 1)))))
+        empty = [f for f, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"query frames {empty[:8]} attend to no frame: give globals or a window")
         object.__setattr__(self, "_attended", tuple(rows))
         object.__setattr__(self, "_tensor_cache", {})
+        object.__setattr__(self, "_is_dense", all(len(r) == T for r in rows))
 
     # ------------------------------------------------------------------ views
     @property
@@ -107,8 +112,7 @@ class BlockMask:
     @property
     def is_dense(self) -> bool:
         """Every query frame attends to every frame (dense by design)."""
-        T = self.num_frames
-        return all(len(r) == T for r in self._attended)
+        return self._is_dense
 
     def nnz(self) -> int:
         """Number of attended (query frame, key frame) blocks."""
@@ -169,11 +173,11 @@ class BlockMask:
 
     def cached(self, key, build):
         """Per-mask cache for derived objects (backend plans, tensors)."""
-        hit = self._tensor_cache.get(key)
-        if hit is None:
-            hit = build()
-            self._tensor_cache[key] = hit
-        return hit
+        try:
+            return self._tensor_cache[key]
+        except KeyError:
+            hit = self._tensor_cache[key] = build()
+            return hit
 
     # ------------------------------------------------------------ dense form
     def to_dense(self, level: str = "frame", tokens_per_frame: Optional[int] = None):

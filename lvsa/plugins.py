@@ -39,6 +39,7 @@ class _State:
         self.backends: Dict[str, object] = {}
         self.plugins: List[PluginRecord] = []
         self.dists: Dict[str, tuple] = {}
+        self.generation = 0  # bumped whenever the set of backends may have changed
 
 
 _state = _State()
@@ -95,26 +96,45 @@ def _load_entry_points(pm, records: List[PluginRecord]):
             telemetry.emit("plugin_error", plugin=ep.name, distribution=dist, error=msg)
 
 
-def _collect_backends(pm) -> Dict[str, object]:
-    found: Dict[str, object] = {}
-    for impl in pm.hook.lvsa_register_backends.get_hookimpls():
-        dist, ver = _state.dists.get(impl.plugin_name) or (BUILTIN_DIST, _own_version())
+def _collect_backends(pm, records: Optional[List[PluginRecord]] = None) -> Dict[str, object]:
+    """Ask every plugin to register its backends.
 
-        def register(backend, _dist=dist, _ver=ver):
+    A plugin whose hook raises is reported, unregistered and skipped like one that failed to
+    import; a name clash raises :class:`BackendNameClash` naming both distributions.
+    """
+    from . import telemetry
+
+    found: Dict[str, object] = {}
+    for impl in list(pm.hook.lvsa_register_backends.get_hookimpls()):
+        dist, ver = _state.dists.get(impl.plugin_name) or (BUILTIN_DIST, _own_version())
+        mine: Dict[str, object] = {}
+
+        def register(backend, _dist=dist, _ver=ver, _mine=mine):
             name = getattr(backend, "name", "")
             if not name:
                 raise ValueError(f"a backend registered by {_dist} has no name")
-            if name in found:
-                other = found[name]
+            if name in found or name in _mine:
+                other = found.get(name) or _mine[name]
                 raise BackendNameClash(
                     f"two backends are named {name!r}: one from distribution "
                     f"{other.distribution!r}, one from {_dist!r}; uninstall one or exclude it "
                     "with LVSA_LOAD_PLUGINS")
             backend.distribution = _dist
             backend.distribution_version = _ver
-            found[name] = backend
+            _mine[name] = backend
 
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except BackendNameClash:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken plugin never breaks lvsa
+            msg = f"{type(e).__name__}: {e}"
+            pm.unregister(name=impl.plugin_name)
+            if records is not None:
+                records.append(PluginRecord(impl.plugin_name, dist, ver, "failed", msg))
+            telemetry.emit("plugin_error", plugin=impl.plugin_name, distribution=dist, error=msg)
+            continue
+        found.update(mine)
     return found
 
 
@@ -127,15 +147,24 @@ def _own_version() -> str:
 
 
 def plugin_manager():
-    """The process-wide pluggy manager (built and plugins loaded on first use)."""
+    """The process-wide pluggy manager (built and plugins loaded on first use).
+
+    If building it fails (a backend name clash), nothing is kept: every later use raises
+    the same error again instead of running with an empty registry.
+    """
     with _state.lock:
         if _state.pm is None:
             pm = _make_manager()
-            _state.pm = pm
+            _state.pm = pm  # visible to telemetry while loading
             records: List[PluginRecord] = []
-            _load_entry_points(pm, records)
+            try:
+                _load_entry_points(pm, records)
+                _state.backends = _collect_backends(pm, records)
+            except BaseException:
+                reset()
+                raise
             _state.plugins = records
-            _state.backends = _collect_backends(pm)
+            _state.generation += 1
         return _state.pm
 
 
@@ -168,11 +197,14 @@ def register_plugin(obj, name: Optional[str] = None, distribution: str = "<direc
         name = pm.register(obj, name=name)
         _state.dists[name] = (distribution, "?")
         try:
-            _state.backends = _collect_backends(pm)
+            _state.backends = _collect_backends(pm, _state.plugins)
         except Exception:
             pm.unregister(obj)
             _state.backends = _collect_backends(pm)
             raise
+        finally:
+            _state.generation += 1
+        return name
 
 
 def unregister_plugin(obj):
@@ -180,6 +212,12 @@ def unregister_plugin(obj):
         pm = plugin_manager()
         pm.unregister(obj)
         _state.backends = _collect_backends(pm)
+        _state.generation += 1
+
+
+def generation() -> int:
+    """Changes whenever the registered backends may have changed (selection cache key)."""
+    return _state.generation
 
 
 def reset():
@@ -189,3 +227,4 @@ def reset():
         _state.backends = {}
         _state.plugins = []
         _state.dists = {}
+        _state.generation += 1

@@ -290,7 +290,8 @@ def plan_schedule(T: int, W: int = 3, n: int = 1, reference: int = 21, scale: fl
     k = compute_key_frame_interval(T, W, n, reference, scale) if auto else kfi
     lead = set(range(min(n, T)))
     fixed = lead.union(_boundary_frames(T, tokens_per_frame or 1, W, world_size))
-    n_offsets = k if rotate else 1
+    # offsets o and o+T give the same grid when kfi > T (one grid point): plan min(kfi, T)
+    n_offsets = min(k, T) if rotate else 1
     masks = []
     for o in range(n_offsets):
         g = fixed.union((o + i * k) % T for i in range(math.ceil(T / k)))

@@ -95,6 +95,15 @@ def emit(kind: str, **fields) -> Event:
     return ev
 
 
+def count_call(mode: str, backend: str = "") -> None:
+    """Count one attention call (``sparse`` or ``dense``) in the session summary.
+
+    Per-call counting stays off the plugin hook: it is on the hot path (every layer,
+    every step). Sinks see the per-generation ``engaged`` event and the summary instead.
+    """
+    SESSION.count(Event("call", {"mode": mode, "backend": backend}))
+
+
 def new_generation():
     """Start a new generation: ``engaged`` and schedule lines print again."""
     SESSION.generation += 1
@@ -103,13 +112,6 @@ def new_generation():
 
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}GB"
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    from .config import _p_bool
-
-    raw = os.environ.get(name)
-    return default if raw is None else _p_bool(name, raw)
 
 
 class DefaultSink:
@@ -157,17 +159,16 @@ class DefaultSink:
             if self._once_per_generation(("engaged",)):
                 mode = "DENSE (T_lat <= ref)" if f["dense"] else "SPARSE"
                 self._print(f"[LVSA] engaged ({f['origin']}): T_lat={f['T']} P={f['P']} seq_len={f['seq_len']} "
-                            f"kfi={f['kfi']} W={f['W']} |G|={f['global_count']} -> {mode}"
-                            + ("" if f["dense"] else f" backend={f['backend']}"))
+                            f"kfi={f['kfi']} W={f['W']} |G|={f['global_count']} -> {mode}")
         elif k == "fallback":
-            if not _env_bool("LVSA_WARN_FALLBACK", True):
+            if not f.get("warn", True):
                 return
             key = (f.get("origin"), f.get("reason"), f.get("seq_len"))
             with self._lock:
                 if key in self._seen_fallbacks:
                     return
                 self._seen_fallbacks.add(key)
-            skip = ("origin", "reason", "seq_len", "to")
+            skip = ("origin", "reason", "seq_len", "to", "warn")
             extra = " ".join(f"{a}={b}" for a, b in f.items() if a not in skip)
             extra = (" " + extra.replace(", ", ",")) if extra else ""
             target = "the REFERENCE backend" if f.get("to") == "reference" else "DENSE attention"
@@ -195,6 +196,10 @@ class DefaultSink:
             self._print(f"[LVSA-PLUGIN] plugin {f['plugin']!r} from {f['distribution']} failed to load "
                         f"and was skipped: {f['error']}")
         elif k == "warning":
+            with self._lock:
+                if ("warning", f["message"]) in self._seen_fallbacks:
+                    return
+                self._seen_fallbacks.add(("warning", f["message"]))
             self._print(f"[LVSA] WARNING {f['message']}")
 
 

@@ -46,6 +46,9 @@ def test_plan_reports_bad_input(capsys):
     assert rc == 2 and "does not fit the VAE temporal grid" in err
     rc, _, err = run(["plan", "--model", "nope"], capsys)
     assert rc == 2 and "unknown model preset" in err
+    for bad in (["--patches-per-frame", "-5"], ["--text-tokens", "-9"], ["--step", "-3"], ["--steps", "-1"]):
+        rc, _, err = run(["plan"] + bad, capsys)
+        assert rc == 2 and f"{bad[0]} must be >=" in err
 
 
 def test_plan_respects_env(capsys, monkeypatch):

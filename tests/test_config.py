@@ -60,7 +60,7 @@ def test_bad_config_json():
 def test_schedule_vars_deprecated(capsys):
     with pytest.warns(DeprecationWarning, match="LVSA_SPARSITY_SCALE"):
         Config.load(env={"LVSA_SCHEDULE_START": "0.2"})
-    assert "LVSA_SCHEDULE_START is deprecated" in capsys.readouterr().out
+    assert "[LVSA] WARNING LVSA_SCHEDULE_START=0.2 is deprecated" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Config.load(env={"LVSA_SCHEDULE_START": "0", "LVSA_SCHEDULE_END": "0"})

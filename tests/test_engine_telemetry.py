@@ -42,7 +42,10 @@ def test_sparse_run_prints_schedule_and_engaged_once(fresh_plugins, capsys):
     assert any(re.match(r"\[LVSA\] kfi=\d+ global_count=\d+ attended_per_frame=\d+/20", ln) for ln in lines)
     engaged = [ln for ln in lines if "engaged" in ln]
     assert len(engaged) == 1
-    assert re.match(r"\[LVSA\] engaged \(hunyuan\): T_lat=20 P=6 seq_len=123 kfi=\d+ W=1 \|G\|=\d+ -> SPARSE", engaged[0])
+    assert re.fullmatch(r"\[LVSA\] engaged \(hunyuan\): T_lat=20 P=6 seq_len=123 kfi=\d+ W=1 \|G\|=\d+ -> SPARSE",
+                        engaged[0])
+    assert sum(ln.startswith("[LVSA] reference_latent_frames=") for ln in lines) == 1
+    assert sum(ln.startswith("[LVSA] kfi=") for ln in lines) == 1
     assert summary["sparse_calls"] == 6 and summary["fallbacks"] == 0
     assert summary["extension_ratio"] == 2.5
     # a second generation prints engaged again
@@ -76,10 +79,27 @@ def test_geometry_fallback_line_dedup_and_silencing(fresh_plugins, capsys, monke
                   "-- falling back to DENSE attention (set LVSA_WARN_FALLBACK=0 to silence)"]
     assert eng.end_generation()["fallbacks_by_reason"] == {"geometry_detect": 3}
     assert telemetry.SESSION.fallbacks_by_reason["geometry_detect"] == 3
-    monkeypatch.setenv("LVSA_WARN_FALLBACK", "0")
+
+
+
+@pytest.mark.parametrize("how", ["env", "config_json", "kwarg"])
+def test_warn_fallback_off_silences_only_fallback_lines(fresh_plugins, capsys, monkeypatch, how):
+    if how == "env":
+        monkeypatch.setenv("LVSA_WARN_FALLBACK", "0")
+        eng = Engine(family="wan")
+    elif how == "config_json":
+        monkeypatch.setenv("LVSA_CONFIG", '{"warn_fallback": false}')
+        eng = Engine(family="wan")
+    else:
+        eng = Engine(family="wan", warn_fallback=False)
+    eng.set_geometry(patches_per_frame=4, reference=2)
     q2, k2, v2, _, _ = qkv(1, 1289)
     eng.attention(q2, k2, v2)
-    assert "[LVSA-FALLBACK]" not in capsys.readouterr().err
+    q, k, v, _, _ = qkv(1, 10 * 4)
+    eng.attention(q, k, v)
+    err = capsys.readouterr().err
+    assert "[LVSA-FALLBACK]" not in err and "[LVSA] engaged (wan)" in err
+    assert eng.end_generation()["fallbacks"] == 1  # still counted
 
 
 def test_expected_frames_mismatch_is_a_geometry_fallback(fresh_plugins, capsys):
@@ -156,3 +176,46 @@ def test_session_summary_line(fresh_plugins):
     s = telemetry.session_summary()
     assert s["sparse_calls"] == 1 and s["fallbacks"] == 1
     assert telemetry.SESSION.line().startswith("engaged: 1 sparse calls, 0 dense-by-design calls, 1 fallbacks")
+
+
+def test_engine_validates_every_path(fresh_plugins):
+    from lvsa.ops import LVSAInputError
+    eng = Engine(family="wan", check=True)
+    eng.set_geometry(patches_per_frame=4)
+    q, k, v, _, _ = qkv(2, 21 * 4)  # dense by design
+    with pytest.raises(LVSAInputError, match="batch"):
+        eng.attention(q, k[:1], v[:1])
+    q[0, 0, 0, 0] = float("nan")
+    with pytest.raises(LVSAInputError, match="^q holds 1 non-finite"):
+        eng.attention(q, k, v)
+    q2, k2, v2, _, _ = qkv(1, 7)  # geometry fallback path
+    with pytest.raises(LVSAInputError, match="cast all three"):
+        eng.attention(q2, k2.double(), v2.double())
+
+
+@pytest.mark.parametrize("spec,want", [("once", [0]), ("2", [2]), ("0,3", [0, 3]), ("1", [0, 1, 2, 3])])
+def test_mask_log_specs_through_the_engine(fresh_plugins, capsys, spec, want):
+    eng = Engine(family="wan", mask_log=spec, window_size=4)
+    eng.set_geometry(patches_per_frame=2)
+    q, k, v, _, _ = qkv(1, 30 * 2)
+    for step in range(4):
+        eng.set_step(step)
+        eng.attention(q, k, v)
+        eng.attention(q, k, v)
+    got = [int(x) for x in re.findall(r"\[LVSA-MASK\] step=(\d+)", capsys.readouterr().err)]
+    assert got == want
+
+
+def test_direct_attention_calls_are_counted(fresh_plugins):
+    import lvsa
+    m = lvsa.plan_schedule(30, 1, 1, 4).mask(0)
+    q, k, v, _, _ = qkv(1, 30 * 2)
+    for _ in range(3):
+        lvsa.attention(q, k, v, m)
+    s = telemetry.session_summary()
+    assert s["sparse_calls"] == 3 and s["backend_calls"] == {"reference": 3}
+
+
+def test_short_window_setting_warns(fresh_plugins, capsys):
+    Engine(family="wan", window_size=3)
+    assert "window_size=3 video frames is W=0 latent frames" in capsys.readouterr().err

@@ -21,7 +21,7 @@ def test_jsonl_sink_writes_every_event(fresh_plugins, tmp_path, monkeypatch):
     events = [json.loads(x) for x in path.read_text().splitlines()]
     kinds = [e["kind"] for e in events]
     assert kinds[0] == "generation_start"
-    assert {"schedule", "engaged", "call", "fallback"} <= set(kinds)
+    assert {"schedule", "engaged", "selection", "plan_built", "fallback"} <= set(kinds)
     fb = next(e for e in events if e["kind"] == "fallback")
     assert fb["reason"] == "geometry_detect" and fb["seq_len"] == 7 and fb["known_ppf"] == [2]
     eng_ev = next(e for e in events if e["kind"] == "engaged")

@@ -55,6 +55,8 @@ def test_immutable_and_validated():
         BlockMask(3, (0,), ((0, 1), (0, 3), (1, 2)))
     with pytest.raises(ValueError, match="one window per frame"):
         BlockMask(3, (0,), ((0, 1),))
+    with pytest.raises(ValueError, match="attend to no frame"):
+        BlockMask(4, (), None)
     with pytest.raises(ValueError, match="tokens_per_frame"):
         BlockMask(3, (0,), None).to_dense("token")
     with pytest.raises(ValueError, match="too large"):

@@ -106,3 +106,50 @@ def test_import_lvsa_needs_only_torch(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "6"
+
+
+def test_clash_keeps_failing_loudly_and_never_empties_the_registry(fresh_plugins, make_dist):
+    make_dist("lvsa-one", {"one": "one_mod"}, {"one_mod": BACKEND_SRC.format(cls="X", name="dup")})
+    make_dist("lvsa-two", {"two": "two_mod"}, {"two_mod": BACKEND_SRC.format(cls="Y", name="dup")})
+    for _ in range(2):
+        with pytest.raises(BackendNameClash):
+            plugins.backends()
+
+
+def test_register_hook_that_raises_is_skipped(fresh_plugins, make_dist, capsys):
+    make_dist("lvsa-bad", {"badhook": "badhook_mod"}, {"badhook_mod": '''
+        from lvsa.hookspecs import hookimpl
+
+        @hookimpl
+        def lvsa_register_backends(register):
+            raise RuntimeError("CUDA driver too old")
+    '''})
+    bk = plugins.backends()
+    assert "reference" in bk
+    rec = {r.name: r for r in plugins.plugin_records()}
+    assert rec["badhook"].status == "failed" and "CUDA driver too old" in rec["badhook"].error
+    assert "[LVSA-PLUGIN] plugin 'badhook' from lvsa-bad failed to load" in capsys.readouterr().err
+
+
+def test_selection_follows_registration(fresh_plugins, monkeypatch):
+    from lvsa import dispatch
+    from lvsa.backend import Problem
+    from lvsa.backends.reference import ReferenceBackend
+    from lvsa.hookspecs import hookimpl
+
+    class Late(ReferenceBackend):
+        name = "late"
+
+    class P:
+        @hookimpl
+        def lvsa_register_backends(self, register):
+            register(Late())
+
+    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("late", "reference"))
+    prob = Problem("cpu", torch.float32, 1, 4, 1, 1, 8, T=2, P=2)
+    assert dispatch.select_backend(prob).name == "reference"
+    p = P()
+    plugins.register_plugin(p)
+    assert dispatch.select_backend(prob).name == "late"
+    plugins.unregister_plugin(p)
+    assert dispatch.select_backend(prob).name == "reference"

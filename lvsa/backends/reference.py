@@ -37,10 +37,15 @@ class ReferenceBackend(Backend):
     description = "torch SDPA per frame group; exact; any device (oracle and last fallback)"
 
     def plan(self, mask, problem):
-        return mask.cached(("reference-groups",), lambda: frame_groups(mask))
+        """Frame groups with their key-frame index tensors on the problem's device."""
+        device = None
+        if problem is not None and problem.device_kind != "cpu":
+            device = f"{problem.device_kind}:{problem.device_index or 0}"
+        return mask.cached(("reference-groups", device), lambda: [
+            (a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)])
 
     def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
-        groups = handle if isinstance(handle, list) else frame_groups(handle)
+        groups = handle if isinstance(handle, list) else self.plan(handle, None)
         B, S, H, D = q.shape
         Hkv = k.shape[2]
         T = groups[-1][1] + 1
@@ -52,11 +57,11 @@ class ReferenceBackend(Backend):
         out = torch.empty_like(q)
         o5 = out.view(B, T, P, H, D)
         dense_row = tuple(range(T))
-        for first, last, row in groups:
+        for first, last, row, idx in groups:
             if row == dense_row:
                 kk, vv = k, v
             else:
-                idx = torch.tensor(row, device=q.device)
+                idx = idx.to(q.device, non_blocking=True)
                 kk = k5.index_select(1, idx).reshape(B, len(row) * P, Hkv, D)
                 vv = v5.index_select(1, idx).reshape(B, len(row) * P, Hkv, D)
             if text_k is not None:

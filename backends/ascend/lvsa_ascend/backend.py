@@ -206,8 +206,6 @@ class AscendBackend(Backend):
 
     # ------------------------------------------------------------- execution
     def plan(self, mask: BlockMask, problem: Optional[Problem] = None) -> AscendPlan:
-        if not mask.globals and mask.windows is None:
-            raise ValueError("mask attends to no key frame (no globals, no window)")
         budget, seqs = self.window_kv_tokens, self.max_varlen_seqs
         return mask.cached(("ascend-plan", budget, seqs),
                            lambda: AscendPlan.build(mask, budget, seqs))
