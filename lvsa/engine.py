@@ -155,10 +155,14 @@ class Engine:
                        warn=self.config.warn_fallback)
 
     def attention(self, q, k, v, text_k=None, text_v=None, scale=None, origin: Optional[str] = None):
-        """Self-attention of the video queries; see :func:`lvsa.attention` for shapes."""
+        """Self-attention of the video queries; see :func:`lvsa.attention` for shapes.
+
+        ``origin`` names the call site in fallback lines (default ``forward_<device>``, e.g.
+        ``forward_cuda``); the ``engaged`` line names the model family.
+        """
         from .ops import validate_inputs
 
-        origin = origin or self.family
+        origin = origin or f"forward_{q.device.type}"
         validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check)
         S = q.shape[1]
         L = 0 if text_k is None else text_k.shape[1]
@@ -200,7 +204,7 @@ class Engine:
         if "engaged" not in g["announced"]:
             g["announced"].add("engaged")
             g["backend"] = backend_name
-            telemetry.emit("engaged", origin=origin, T=geo.T, P=geo.P, seq_len=S + L,
+            telemetry.emit("engaged", origin=self.family, site=origin, T=geo.T, P=geo.P, seq_len=S + L,
                            kfi=sched.key_frame_interval, W=sched.window,
                            global_count=len(mask.globals), dense=mask.is_dense, backend=backend_name)
         if mask.is_dense:

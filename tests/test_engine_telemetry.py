@@ -108,7 +108,8 @@ def test_expected_frames_mismatch_is_a_geometry_fallback(fresh_plugins, capsys):
     q, k, v, _, _ = qkv(1, 10 * 4)  # a warm-up pass with 10 frames
     eng.attention(q, k, v)
     err = capsys.readouterr().err
-    assert "reason=geometry_detect seq_len=40 known_ppf=[4] expected_T=30 found_T=10" in err
+    assert ("[LVSA-FALLBACK] origin=forward_cpu reason=geometry_detect seq_len=40 known_ppf=[4] expected_T=30 "
+            "found_T=10 -- falling back to DENSE attention") in err
 
 
 def test_reference_mismatch_warns_loudly(fresh_plugins, capsys, monkeypatch):
