@@ -147,7 +147,8 @@ class Engine:
                 "extension_ratio": g["extension_ratio"]}
 
     # --------------------------------------------------------- attention
-    def _fallback(self, origin, reason, seq_len, **detail):
+    def fallback(self, origin, reason, seq_len, **detail):
+        """Record and announce a non-sparse path (integrations call this when they hand off)."""
         g = self._gen
         g["fallback"] += 1
         g["fallback_reasons"][reason] = g["fallback_reasons"].get(reason, 0) + 1
@@ -170,7 +171,7 @@ class Engine:
             self._last_device = q.device
         geo = self.detect(S, L)
         if not geo.ok:
-            self._fallback(origin, geo.reason, S + L, **geo.detail)
+            self.fallback(origin, geo.reason, S + L, **geo.detail)
             return dense_attention(q, k, v, text_k, text_v, scale)
         sched = self.schedule(geo.T, geo.P)
         mask = sched.mask_for_step(self.step)

@@ -1,0 +1,310 @@
+"""Glue shared by the diffusers adapters: the per-pipeline state, the ``__call__`` and
+``scheduler.step`` wrappers, geometry helpers and the processor base class.
+
+How lvsa reaches a diffusers pipeline (diffusers offers no public way to add an attention
+backend; replacing attention processors is the supported hook):
+
+* every self-attention processor of the transformer(s) is replaced by the family's lvsa
+  processor (originals kept for :func:`lvsa.disable`);
+* the pipeline's class is swapped for a thin subclass whose ``__call__`` computes the
+  geometry from the call arguments and the pipeline's own config (VAE factors, patch
+  size, default frame count), starts a generation on the :class:`~lvsa.engine.Engine`,
+  and wraps ``scheduler.step`` for the duration of the call, so the engine learns the
+  denoising step from the step that really finished (CFG batched or not), not from
+  counting attention calls.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+STATE_ATTR = "_lvsa_state"
+
+
+# ------------------------------------------------------------------ geometry
+@dataclass(frozen=True)
+class Factors:
+    """VAE and patch factors of one model: latent = video // VAE, tokens = latent // patch."""
+
+    vae_temporal: int
+    vae_spatial: int
+    patch_t: int
+    patch_h: int
+    patch_w: int
+
+    @property
+    def spatial_multiple(self) -> Tuple[int, int]:
+        """Pixel multiples that height and width must have."""
+        return self.vae_spatial * self.patch_h, self.vae_spatial * self.patch_w
+
+    def latent_frames(self, num_frames: int) -> int:
+        return (int(num_frames) - 1) // self.vae_temporal + 1
+
+    def patches_per_frame(self, height: int, width: int) -> int:
+        return (int(height) // self.vae_spatial // self.patch_h) * (int(width) // self.vae_spatial // self.patch_w)
+
+
+def tokens_from_latent_shape(shape, factors: Factors) -> Tuple[int, int]:
+    """``(T, P)`` in transformer tokens for a ``[B, C, F, H, W]`` latent."""
+    F_, H, W = shape[-3], shape[-2], shape[-1]
+    return F_ // factors.patch_t, (H // factors.patch_h) * (W // factors.patch_w)
+
+
+def cfg_get(cfg, key, default=None):
+    """Read a field from a diffusers config (FrozenDict / dict / object)."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+# ------------------------------------------------------------------ adapters
+class Adapter:
+    """What lvsa needs to know about one model family (one subclass per family file)."""
+
+    family: str = "generic"
+    fps: int = 16
+    transformer_class: str = ""        # class name of the transformer this adapter serves
+    blocks_attr: str = "transformer_blocks"
+    attn_attr: str = "attn"            # the self-attention module inside each block
+    processor_class: Any = None        # the lvsa processor (a ProcessorBase subclass)
+
+    def matches(self, transformer) -> bool:
+        return type(transformer).__name__ == self.transformer_class
+
+    def attention_modules(self, transformer) -> List[Tuple[str, Any]]:
+        """``(name, module)`` of every self-attention whose processor lvsa replaces."""
+        return [(f"{self.blocks_attr}.{i}.{self.attn_attr}", getattr(blk, self.attn_attr))
+                for i, blk in enumerate(getattr(transformer, self.blocks_attr))]
+
+    def make_processor(self, engine, original):
+        return self.processor_class(engine, original)
+
+    def factors(self, vae_config, transformer_config) -> Factors:
+        raise NotImplementedError
+
+    def known_reference(self, pipe) -> int:
+        from ..schedule import FAMILY_REFERENCE
+        return FAMILY_REFERENCE[self.family]
+
+    def latent_tokens(self, shape, factors: Factors) -> Tuple[int, int]:
+        """``(T, P)`` for the transformer's latent input (``[B, C, F, H, W]`` unless overridden)."""
+        return tokens_from_latent_shape(shape, factors)
+
+    def call_geometry(self, pipe, args: Dict[str, Any]) -> Optional[Tuple[int, int]]:
+        """``(T, P)`` the pipeline will run for these ``__call__`` arguments, or ``None``."""
+        return None
+
+    def decode(self, pipe, latents):
+        """Latent (as returned with ``output_type="latent"``) → float video ``[F, H, W, 3]`` in [0, 1]."""
+        raise NotImplementedError
+
+    # shared helpers
+    def pipe_factors(self, pipe) -> Factors:
+        return self.factors(pipe.vae.config, transformers_of(pipe)[0].config)
+
+
+def _adapters() -> List[Adapter]:
+    from . import cogvideox, hunyuan, wan
+    return [wan.ADAPTER, hunyuan.ADAPTER, cogvideox.ADAPTER]
+
+
+def adapter_for_transformer(transformer) -> Adapter:
+    for a in _adapters():
+        if a.matches(transformer):
+            return a
+    raise TypeError(
+        f"lvsa has no adapter for {type(transformer).__name__}; supported: Wan 2.1/2.2 "
+        "(WanTransformer3DModel), HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel), "
+        "CogVideoX (CogVideoXTransformer3DModel)")
+
+
+def adapter_for_family(family: str) -> Adapter:
+    for a in _adapters():
+        if a.family == family:
+            return a
+    raise ValueError(f"unknown model family {family!r}; known: {', '.join(a.family for a in _adapters())}")
+
+
+def transformers_of(pipe) -> List[Any]:
+    """The denoising transformers of a pipeline (Wan 2.2 A14B has two), or ``[pipe]`` for a bare model."""
+    found = [getattr(pipe, n, None) for n in ("transformer", "transformer_2")]
+    found = [getattr(t, "_orig_mod", t) for t in found if t is not None]  # torch.compile'd: the module inside
+    if found:
+        return found
+    if hasattr(pipe, "config") and hasattr(pipe, "named_modules"):
+        return [pipe]
+    raise TypeError(f"{type(pipe).__name__} has no .transformer: pass a diffusers video pipeline "
+                    "(WanPipeline, HunyuanVideo15Pipeline, CogVideoXPipeline) or its transformer")
+
+
+# --------------------------------------------------------------- fallbacks
+class ProcessorBase:
+    """Base of the lvsa processors: keeps the original processor to delegate to.
+
+    Delegation (context parallelism, explicit attention masks, shapes lvsa does not
+    model) always reports a fallback line: never a silent dense run.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, engine, original):
+        self.engine = engine
+        self.original = original
+
+    def delegate(self, reason: str, seq_len: int, *args, **kwargs):
+        """Run the original processor (``args`` as it takes them: ``attn, hidden_states, …``), loudly."""
+        self.engine.fallback(f"forward_{args[1].device.type}", reason, seq_len)
+        for attr in ("_attention_backend", "_parallel_config"):
+            val = getattr(self, attr, None)
+            if val is not None:
+                setattr(self.original, attr, val)
+        return self.original(*args, **kwargs)
+
+
+# -------------------------------------------------------------- the state
+class LVSAState:
+    """Everything :func:`lvsa.enable` changed on one pipeline (or bare transformer)."""
+
+    def __init__(self, pipe, adapter: Adapter, engine, original_class):
+        self.pipe = pipe
+        self.adapter = adapter
+        self.engine = engine
+        self.original_class = original_class
+        self.originals: List[Tuple[Any, Any]] = []  # (attention module, original processor)
+        self.hooks: List[Any] = []
+        self.last_summary: Optional[Dict[str, Any]] = None
+        self.geometry_pending = False
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    # processors -----------------------------------------------------------
+    def install(self):
+        for tr in transformers_of(self.pipe):
+            mods = self.adapter.attention_modules(tr)
+            if not mods:
+                raise TypeError(f"lvsa found no self-attention processors to replace in {type(tr).__name__}")
+            for _, mod in mods:
+                orig = mod.processor
+                mod.set_processor(self.adapter.make_processor(self.engine, orig))
+                self.originals.append((mod, orig))
+            self.hooks.append(tr.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+
+    def uninstall(self):
+        for mod, orig in reversed(self.originals):
+            mod.set_processor(orig)
+        self.originals.clear()
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    def _pre_forward(self, module, args, kwargs):
+        # Geometry from the first forward, only for pipelines whose call arguments the
+        # adapter cannot read (image-to-video variants, custom pipelines).
+        if not self.geometry_pending:
+            return None
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        if hs is not None and getattr(hs, "dim", lambda: 0)() == 5:
+            f = self.adapter.factors(None if not hasattr(self.pipe, "vae") else self.pipe.vae.config, module.config)
+            T, P = self.adapter.latent_tokens(hs.shape, f)
+            self.set_geometry(T, P)
+            self.geometry_pending = False
+        return None
+
+    def set_geometry(self, T: Optional[int], P: Optional[int]):
+        known = self.adapter.known_reference(self.pipe)
+        self.engine.set_geometry(patches_per_frame=P, latent_frames=T, reference=known,
+                                 known_reference=known)
+
+    # a pipeline call -------------------------------------------------------
+    def run(self, call: Callable, pipe, args, kwargs):
+        with self._lock:
+            self._depth += 1
+            nested = self._depth > 1
+        try:
+            if nested:  # a pipeline calling itself: one generation
+                return call(pipe, *args, **kwargs)
+            geo = None
+            try:
+                bound = inspect.signature(call).bind(pipe, *args, **kwargs)
+                bound.apply_defaults()
+                geo = self.adapter.call_geometry(pipe, dict(bound.arguments))
+            except (TypeError, ValueError, AttributeError, KeyError):
+                geo = None
+            if geo is not None:
+                self.set_geometry(*geo)
+                self.geometry_pending = False
+            else:
+                self.geometry_pending = True
+            self.engine.begin_generation()
+            restore = wrap_scheduler_step(getattr(pipe, "scheduler", None), self.engine)
+            try:
+                return call(pipe, *args, **kwargs)
+            finally:
+                restore()
+                self.last_summary = self.engine.end_generation()
+        finally:
+            with self._lock:
+                self._depth -= 1
+
+
+def wrap_scheduler_step(scheduler, engine) -> Callable[[], None]:
+    """Make ``scheduler.step`` tell the engine which step comes next; returns the undo."""
+    if scheduler is None or not hasattr(scheduler, "step"):
+        return lambda: None
+    had_own = "step" in vars(scheduler)
+    original = scheduler.step
+    done = [0]
+    engine.set_step(0)
+
+    @functools.wraps(original)  # keeps the signature: pipelines inspect it for eta/generator
+    def step(*a, **kw):
+        out = original(*a, **kw)
+        done[0] += 1
+        engine.set_step(done[0])
+        return out
+
+    scheduler.step = step
+
+    def restore():
+        if had_own:
+            scheduler.step = original
+        else:
+            try:
+                del scheduler.step
+            except AttributeError:
+                pass
+    return restore
+
+
+# ---------------------------------------------------------- class wrapper
+_WRAPPED: Dict[type, type] = {}
+
+
+def lvsa_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``__call__`` runs through the pipeline's :class:`LVSAState`."""
+    if getattr(cls, "_lvsa_original_class", None) is not None:
+        return cls
+    if cls not in _WRAPPED:
+        original_call = cls.__call__
+
+        @functools.wraps(original_call)
+        def __call__(self, *args, **kwargs):
+            state = self.__dict__.get(STATE_ATTR)
+            if state is None:
+                return original_call(self, *args, **kwargs)
+            return state.run(original_call, self, args, kwargs)
+
+        _WRAPPED[cls] = type(cls.__name__, (cls,), {
+            "__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__, "_lvsa_original_class": cls})
+    return _WRAPPED[cls]
+
+
+def is_pipeline(obj) -> bool:
+    return hasattr(obj, "components") and hasattr(obj, "register_modules")

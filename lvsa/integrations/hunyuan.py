@@ -1,0 +1,137 @@
+"""HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``): lvsa in ``transformer_blocks[i].attn``.
+
+Replaced: the processor of every dual-stream block's joint attention. The lvsa processor
+mirrors diffusers 0.42.1's ``HunyuanVideo15AttnProcessor2_0`` exactly: QKV projections,
+per-head ``norm_q``/``norm_k``, RoPE on the video stream, the text stream's
+``add_{q,k,v}_proj`` and ``norm_added_{q,k}``, the joint sequence *video then text*, the
+text padding mask, ``to_out`` and ``to_add_out``. Attention is split by query:
+
+* video queries → :meth:`lvsa.engine.Engine.attention` over the video keys (sparse by
+  frame) plus every *valid* text key (dense), merged exactly;
+* text queries → dense over all keys with the original mask (a few hundred rows).
+
+Untouched: the token refiner's text-only attention.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import Adapter, Factors, ProcessorBase, cfg_get
+
+
+class HunyuanVideo15LVSAProcessor(ProcessorBase):
+    """Joint video+text attention through lvsa (same signature as ``HunyuanVideo15AttnProcessor2_0``)."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None,
+                 image_rotary_emb: Optional[torch.Tensor] = None):
+        if encoder_hidden_states is None or attention_mask is None:
+            return self.delegate("no_text_stream", hidden_states.shape[1], attn, hidden_states,
+                                 encoder_hidden_states, attention_mask, image_rotary_emb)
+        if self._parallel_config is not None:
+            return self.delegate("context_parallel", hidden_states.shape[1], attn, hidden_states,
+                                 encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        # 1. QKV projections and QK norm (video stream)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        # 2. RoPE on the video stream
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        # 3. text stream
+        enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            enc_query = attn.norm_added_q(enc_query)
+        if attn.norm_added_k is not None:
+            enc_key = attn.norm_added_k(enc_key)
+
+        B, Sv = query.shape[:2]
+        Lt = enc_query.shape[1]
+        text_valid = attention_mask.bool()
+        if text_valid.shape[1] != Lt:  # the original left-pads the mask over the joint sequence
+            text_valid = text_valid[:, -Lt:]
+
+        # 4a. video queries: lvsa over video keys + valid text keys
+        if bool((text_valid == text_valid[:1]).all()):
+            sel = text_valid[0]
+            tk, tv = (enc_key[:, sel], enc_value[:, sel]) if bool(sel.any()) else (None, None)
+            video_out = self.engine.attention(query, key, value, text_k=tk, text_v=tv)
+        else:  # different prompt lengths in one batch: one call per sample
+            outs = []
+            for b in range(B):
+                sel = text_valid[b]
+                tk = enc_key[b:b + 1, sel] if bool(sel.any()) else None
+                tv = enc_value[b:b + 1, sel] if bool(sel.any()) else None
+                outs.append(self.engine.attention(query[b:b + 1], key[b:b + 1], value[b:b + 1],
+                                                  text_k=tk, text_v=tv))
+            video_out = torch.cat(outs, dim=0)
+
+        # 4b. text queries: dense over every key, with the original mask rows
+        all_key = torch.cat([key, enc_key], dim=1)
+        all_value = torch.cat([value, enc_value], dim=1)
+        key_valid = F.pad(text_valid, (Sv, 0), value=True)  # [B, Sv+Lt]
+        text_mask = (text_valid.view(B, 1, Lt, 1) & key_valid.view(B, 1, 1, Sv + Lt)).bool()
+        text_out = dispatch_attention_fn(enc_query, all_key, all_value, attn_mask=text_mask, dropout_p=0.0,
+                                         is_causal=False, backend=self._attention_backend)
+
+        out = torch.cat([video_out.to(query.dtype), text_out.to(query.dtype)], dim=1)
+        out = out.flatten(2, 3).to(query.dtype)
+
+        # 5. output projections
+        hidden_states, encoder_hidden_states = out[:, :Sv], out[:, Sv:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[0](hidden_states)
+            hidden_states = attn.to_out[1](hidden_states)
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class HunyuanAdapter(Adapter):
+    family = "hunyuan"
+    fps = 24
+    transformer_class = "HunyuanVideo15Transformer3DModel"
+    processor_class = HunyuanVideo15LVSAProcessor
+
+    def factors(self, vae_config, transformer_config) -> Factors:
+        p = cfg_get(transformer_config, "patch_size", 1) or 1
+        pt = cfg_get(transformer_config, "patch_size_t", 1) or 1
+        return Factors(cfg_get(vae_config, "temporal_compression_ratio", 4) or 4,
+                       cfg_get(vae_config, "spatial_compression_ratio", 16) or 16, pt, p, p)
+
+    def call_geometry(self, pipe, args: Dict[str, Any]):
+        if "image" in args:  # image-to-video: the size comes from the image; read the first forward
+            return None
+        f = self.pipe_factors(pipe)
+        latents = args.get("latents")
+        if latents is not None:
+            return self.latent_tokens(latents.shape, f)
+        height, width = args.get("height"), args.get("width")
+        if height is None and width is None:  # mirror HunyuanVideo15Pipeline.__call__
+            ar = pipe.default_aspect_ratio
+            height, width = pipe.video_processor.calculate_default_height_width(ar[1], ar[0], pipe.target_size)
+        lat_h, lat_w = int(height) // f.vae_spatial, int(width) // f.vae_spatial
+        T = f.latent_frames(int(args["num_frames"])) // f.patch_t
+        return T, (lat_h // f.patch_h) * (lat_w // f.patch_w)
+
+    def decode(self, pipe, latents):
+        vae = pipe.vae
+        latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype) / vae.config.scaling_factor
+        video = vae.decode(latents, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+
+ADAPTER = HunyuanAdapter()
