@@ -184,7 +184,8 @@ class Config:
     check: bool = _f(False, _p_bool, "LVSA_CHECK", "validate inputs (finite values) on every call")
     strict: bool = _f(False, _p_bool, "LVSA_STRICT", "re-raise backend errors instead of falling back")
     wan_hook: bool = _f(True, _p_bool, "LVSA_WAN_HOOK",
-                        "Wan: gather the full sequence before lvsa under context parallelism")
+                        "accepted for compatibility; under context parallelism lvsa hands off "
+                        "(reason=context_parallel)")
 
     # -------------------------------------------------------------- loading
     @classmethod
