@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         from . import generate
     except ImportError as e:  # diffusers extra not installed: say how to get it
         for name in ("generate", "decode"):
-            p = sub.add_parser(name, help=f"(needs the diffusers extra: pip install 'lvsa[diffusers]')")
+            p = sub.add_parser(name, help="(needs the diffusers extra: pip install 'lvsa[diffusers]')")
             p.set_defaults(func=lambda a, _e=e: _missing_extra(_e))
     else:
         generate.add_generate_parser(sub)

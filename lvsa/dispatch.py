@@ -26,9 +26,13 @@ from .mask import BlockMask
 
 #: Automatic order per device kind. Backends registered by other distributions and
 #: not listed here are tried after the listed fast ones, before ``reference``.
-#: CUDA order: set from the H200 measurements in benchmarks/results (see README).
+#: CUDA order from the H200 measurements (benchmarks/results/attention-h200-*.md):
+#: flashinfer is 7-13 % faster than triton at every T >= 41; triton needs no extra
+#: package and beats the reference 1.2-1.4x at T >= 81; flex (FlexAttention) is slower
+#: than the reference at every measured shape, so it is never chosen automatically
+#: (``backend="flex"`` still selects it).
 AUTO_PRIORITY: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("triton", "flashinfer", "flex", "reference"),
+    "cuda": ("flashinfer", "triton", "reference", "flex"),
     "npu": ("ascend", "reference"),
     "cpu": ("reference",),
 }

@@ -12,7 +12,6 @@ for the whole process (``lvsa.session_summary()``).
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time

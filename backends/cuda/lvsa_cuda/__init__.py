@@ -1,0 +1,28 @@
+"""lvsa-cuda: the CUDA backends of lvsa, registered through the ``lvsa`` entry points.
+
+* ``triton`` (:mod:`lvsa_cuda.triton_backend`): a block-sparse flash-attention kernel
+  written in Triton, driven by the BlockMask; compiles in seconds, no download.
+* ``flashinfer`` (:mod:`lvsa_cuda.flashinfer_backend`): FlashInfer's
+  ``BlockSparseAttentionWrapper`` with one block per latent frame (``pip install
+  lvsa-cuda[flashinfer]``).
+
+Importing this package imports neither triton nor flashinfer; each backend module
+explains itself through ``supports()`` when its package or GPU is missing.
+"""
+import torch
+
+from lvsa.backend import Backend
+
+__version__ = "0.1.0"
+
+
+class CudaBackend(Backend):
+    """What both CUDA backends support (Ampere or newer, bf16/fp16, head_dim 64/128,
+    GQA, text tokens)."""
+
+    devices = ("cuda",)
+    dtypes = (torch.bfloat16, torch.float16)
+    head_dims = (64, 128)
+    supports_gqa = True
+    supports_text = True
+    min_compute_capability = (8, 0)

@@ -1,0 +1,209 @@
+"""The ``flashinfer`` backend: FlashInfer's block-sparse wrapper, one block per latent frame.
+
+Layout
+------
+FlashInfer's ``BlockSparseAttentionWrapper`` runs a block-sparse matrix of ``R x C``
+blocks over ``q [M, H, D]`` and ``k, v [N, Hkv, D]``. lvsa uses ``R = C = P`` (one block
+per latent frame) and folds the batch into the rows: with ``q``/``k``/``v`` viewed as
+``[B*S, H(kv), D]`` (a view, no copy, for contiguous inputs), block row ``b*T + f``
+attends to block columns ``b*T + c`` for ``c`` in ``attended(f)`` -- a block-diagonal
+CSR over batch x frames (:func:`batched_csr`). So a CFG batch is one kernel call and the
+column indices point straight into the caller's K/V: nothing is gathered or compacted.
+
+Text tokens are merged exactly: the sparse call returns its log-sum-exp, which
+FlashInfer gives in **base 2** (``lse2 = ln-LSE / ln 2``); the text keys then continue
+that softmax in place (:func:`lvsa_cuda.triton_backend.attend_text_into`), so the
+result is the softmax over ``attended video keys ∪ text keys`` with no phantom
+(zero-padded) keys and no temporary the size of the output.
+
+Plans and memory
+----------------
+``plan()`` runs FlashInfer's planner once per distinct (mask, batch, heads, head_dim,
+dtype, P) and is cached inside the mask. All plans on a device share ONE float
+workspace (:func:`workspace`, ``LVSA_FLASHINFER_WORKSPACE_MB``, default 128); each plan
+keeps only FlashInfer's small integer schedule buffers. Its first use JIT-compiles the
+kernel (about 1.5 minutes on an H200; cached under ``FLASHINFER_WORKSPACE_BASE``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+
+from lvsa_cuda import CudaBackend
+from lvsa.hookspecs import hookimpl
+from lvsa.mask import BlockMask
+from lvsa.ops import default_scale
+
+LN2 = math.log(2.0)
+DEFAULT_WORKSPACE_MB = 128
+
+_lock = threading.Lock()
+_workspaces = {}
+
+
+def workspace(device: torch.device) -> torch.Tensor:
+    """The one float workspace of ``device`` (uint8), shared by every plan and layer."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    with _lock:
+        buf = _workspaces.get(key)
+        if buf is None:
+            mb = int(os.environ.get("LVSA_FLASHINFER_WORKSPACE_MB", DEFAULT_WORKSPACE_MB))
+            buf = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
+            _workspaces[key] = buf
+        return buf
+
+
+def batched_csr(mask: BlockMask, batch: int) -> Tuple[List[int], List[int]]:
+    """Block-diagonal CSR over ``batch x T`` block rows.
+
+    Row ``b*T + f`` holds the columns ``b*T + c`` for ``c`` in ``mask.attended(f)``,
+    so with q/k/v viewed as ``[B*S, heads, D]`` and one block per frame every batch
+    element reads only its own K/V.
+
+    Returns
+    -------
+    (indptr, indices) : lists of int
+        ``indptr`` has ``batch*T + 1`` entries, ``indices`` ``batch * nnz``.
+    """
+    T = mask.num_frames
+    base_ptr, base_idx = mask.indptr, mask.indices
+    nnz = base_ptr[-1]
+    indptr = [0]
+    indices: List[int] = []
+    for b in range(batch):
+        indptr.extend(p + b * nnz for p in base_ptr[1:])
+        indices.extend(c + b * T for c in base_idx)
+    return indptr, indices
+
+
+def lse2_to_natural(lse2: torch.Tensor) -> torch.Tensor:
+    """FlashInfer's base-2 log-sum-exp → natural log (what :func:`lvsa.ops.merge_lse`
+    and torch's SDPA use)."""
+    return lse2 * LN2
+
+
+def natural_to_lse2(lse: torch.Tensor) -> torch.Tensor:
+    return lse / LN2
+
+
+@functools.lru_cache(maxsize=1)
+def _import_error() -> Optional[str]:
+    try:
+        importlib.import_module("flashinfer")
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {msg}"
+    return None
+
+
+@dataclass
+class FlashInferPlan:
+    """A planned ``BlockSparseAttentionWrapper`` for one (mask, shape)."""
+
+    wrapper: object
+    batch: int
+    num_frames: int
+    tokens_per_frame: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    scale: Optional[float]
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+class FlashInferBackend(CudaBackend):
+    """FlashInfer block-sparse attention, R = C = P, batch folded into the CSR."""
+
+    name = "flashinfer"
+    requires = ("flashinfer", "triton")
+    description = ("FlashInfer BlockSparseAttentionWrapper, one block per latent frame, "
+                   "batch as a block-diagonal CSR, text merged by base-2 LSE; "
+                   "pip install lvsa-cuda[flashinfer]")
+
+    def availability_reasons(self):
+        missing = self.missing_packages()
+        r = [f"package {m!r} is not installed (pip install "
+             f"{'lvsa-cuda[flashinfer]' if m == 'flashinfer' else m})" for m in missing]
+        if "flashinfer" not in missing:
+            err = _import_error()
+            if err:
+                r.append(f"flashinfer is installed but fails to import ({err})")
+        return r
+
+    def extra_reasons(self, problem):
+        if problem.T and problem.seq_len % problem.T:
+            yield f"sequence length {problem.seq_len} is not a multiple of T={problem.T}"
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, mask: BlockMask, problem) -> FlashInferPlan:
+        device = torch.device("cuda", problem.device_index or 0)
+        P = problem.seq_len // mask.num_frames
+        key = (self.name, str(device), problem.batch, P, problem.num_heads,
+               problem.num_kv_heads, problem.head_dim, problem.dtype)
+        return mask.cached(key, lambda: self._build(mask, problem, device, P,
+                                                    default_scale(problem.head_dim)))
+
+    def _build(self, mask, problem, device, P, scale) -> FlashInferPlan:
+        import flashinfer
+
+        B, T = problem.batch, mask.num_frames
+        ptr, idx = batched_csr(mask, B)
+        indptr = torch.tensor(ptr, dtype=torch.int32, device=device)
+        indices = torch.tensor(idx, dtype=torch.int32, device=device)
+        wrapper = flashinfer.BlockSparseAttentionWrapper(workspace(device))
+        plan = FlashInferPlan(wrapper, B, T, P, problem.num_heads, problem.num_kv_heads,
+                              problem.head_dim, problem.dtype, scale, indptr, indices)
+        self._plan_wrapper(plan, scale)
+        return plan
+
+    @staticmethod
+    def _plan_wrapper(plan: FlashInferPlan, scale):
+        M = plan.batch * plan.num_frames * plan.tokens_per_frame
+        plan.wrapper.plan(
+            plan.indptr, plan.indices, M, M, plan.tokens_per_frame, plan.tokens_per_frame,
+            plan.num_heads, plan.num_kv_heads, plan.head_dim,
+            sm_scale=scale, q_data_type=plan.dtype, o_data_type=plan.dtype)
+        plan.scale = scale
+
+    # ------------------------------------------------------------------- run
+    def run(self, handle: FlashInferPlan, q, k, v, text_k=None, text_v=None, scale=None):
+        from .triton_backend import attend_text_into
+
+        B, S, H, D = q.shape
+        Hkv = k.shape[2]
+        if (B, H, Hkv, D, q.dtype) != (handle.batch, handle.num_heads, handle.num_kv_heads,
+                                       handle.head_dim, handle.dtype):
+            raise ValueError(
+                f"flashinfer plan was made for batch={handle.batch} heads={handle.num_heads}/"
+                f"{handle.num_kv_heads} head_dim={handle.head_dim} {handle.dtype}, got q "
+                f"{tuple(q.shape)} {q.dtype} and k heads {Hkv}")
+        scale = default_scale(D) if scale is None else float(scale)
+        has_text = text_k is not None and text_k.shape[1] > 0
+        with handle.lock:
+            if handle.scale is None or not math.isclose(handle.scale, scale, rel_tol=1e-7):
+                self._plan_wrapper(handle, scale)
+            res = handle.wrapper.run(q.reshape(B * S, H, D), k.reshape(B * S, Hkv, D),
+                                     v.reshape(B * S, Hkv, D), return_lse=has_text)
+        if not has_text:
+            return res.view(B, S, H, D)
+        out, lse2 = res
+        return attend_text_into(out.view(B, S, H, D), lse2.view(B, S, H), q, text_k, text_v,
+                                scale)
+
+
+@hookimpl
+def lvsa_register_backends(register):
+    register(FlashInferBackend())

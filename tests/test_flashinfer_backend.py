@@ -1,0 +1,114 @@
+"""CPU-checkable parts of the flashinfer backend: the block-diagonal CSR over batch x
+frames, the base-2 LSE convention, and the reasons it gives where it cannot run."""
+import math
+
+import pytest
+import torch
+
+from lvsa.backend import Problem
+from lvsa.ops import attention_lse, merge_lse
+from lvsa.schedule import plan_schedule
+from lvsa_cuda import flashinfer_backend as fb
+
+
+def test_batched_csr_is_block_diagonal():
+    mask = plan_schedule(9, W=1, n=1, reference=4).mask(1)
+    T, nnz = mask.num_frames, mask.nnz()
+    indptr, indices = fb.batched_csr(mask, 3)
+    assert len(indptr) == 3 * T + 1 and indptr[-1] == 3 * nnz == len(indices)
+    for b in range(3):
+        for f in range(T):
+            row = b * T + f
+            cols = indices[indptr[row]:indptr[row + 1]]
+            assert cols == [b * T + c for c in mask.attended(f)]
+    assert fb.batched_csr(mask, 1) == (list(mask.indptr), list(mask.indices))
+
+
+def test_batched_csr_matches_token_level_mask_on_flattened_batch():
+    """With q/k viewed as [B*S, H, D] and one block per frame, the CSR's token-level
+    picture is block-diagonal over the batch: batch b sees only its own keys."""
+    mask = plan_schedule(5, W=1, n=1, reference=2).mask(0)
+    B, T, P = 2, mask.num_frames, 3
+    indptr, indices = fb.batched_csr(mask, B)
+    dense = torch.zeros(B * T * P, B * T * P, dtype=torch.bool)
+    for r in range(B * T):
+        for c in indices[indptr[r]:indptr[r + 1]]:
+            dense[r * P:(r + 1) * P, c * P:(c + 1) * P] = True
+    tok = mask.to_dense("token", tokens_per_frame=P)
+    want = torch.block_diag(tok, tok)
+    assert torch.equal(dense, want)
+
+
+def test_lse_base2_conversion_and_exact_merge():
+    """FlashInfer's LSE is base 2: converting it gives the natural LSE that merges a
+    sparse part and a text part exactly."""
+    torch.manual_seed(0)
+    B, S, H, D, L = 1, 10, 2, 16, 5
+    q, k, v = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(3))
+    tk, tv = (torch.randn(B, L, H, D, dtype=torch.float64) for _ in range(2))
+    scale = 1 / math.sqrt(D)
+    o1, lse1 = attention_lse(q, k, v, scale)
+    o2, lse2 = attention_lse(q, tk, tv, scale)
+    base2 = fb.natural_to_lse2(lse1.double())
+    # base-2 definition: log2(sum 2^(x * log2 e)) of the scaled logits
+    s = torch.einsum("bshd,bthd->bsht", q, k) * scale
+    assert torch.allclose(base2, torch.log2(torch.exp2(s * math.log2(math.e)).sum(-1)), atol=1e-5)
+    assert torch.allclose(fb.lse2_to_natural(base2), lse1.double())
+    merged, _ = merge_lse(o1, fb.lse2_to_natural(base2), o2, lse2)
+    full, _ = attention_lse(q, torch.cat([k, tk], 1), torch.cat([v, tv], 1), scale)
+    assert torch.allclose(merged.double(), full.double(), atol=1e-5)
+
+
+def _problem(**kw):
+    base = dict(device_kind="cuda", dtype=torch.bfloat16, batch=2, seq_len=9 * 1560,
+                num_heads=12, num_kv_heads=12, head_dim=128, text_len=256, T=9, P=1560,
+                compute_capability=(9, 0))
+    base.update(kw)
+    return Problem(**base)
+
+
+def test_reasons_when_package_missing(monkeypatch):
+    be = fb.FlashInferBackend()
+    monkeypatch.setattr(be, "missing_packages", lambda: ["flashinfer"])
+    r = be.supports(_problem())
+    assert any("package 'flashinfer' is not installed (pip install lvsa-cuda[flashinfer])" in x
+               for x in r)
+
+
+def test_reasons_when_import_fails(monkeypatch):
+    be = fb.FlashInferBackend()
+    monkeypatch.setattr(be, "missing_packages", lambda: [])
+    monkeypatch.setattr(fb, "_import_error", lambda: "ImportError: libcudart.so.13 not found")
+    r = be.supports(_problem())
+    assert r == ["flashinfer is installed but fails to import (ImportError: libcudart.so.13 not found)"]
+
+
+def test_reasons_for_gpu_dtype_device(monkeypatch):
+    be = fb.FlashInferBackend()
+    monkeypatch.setattr(be, "missing_packages", lambda: [])
+    monkeypatch.setattr(fb, "_import_error", lambda: None)
+    assert be.supports(_problem()) == []
+    assert be.supports(_problem(num_kv_heads=4)) == []  # GQA
+    text = " | ".join(be.supports(_problem(device_kind="cpu", dtype=torch.float32, head_dim=80,
+                                           compute_capability=None)))
+    assert "device is cpu" in text and "dtype is float32" in text and "head_dim is 80" in text
+    old = " | ".join(be.supports(_problem(compute_capability=(7, 5))))
+    assert "compute capability is 7.5, needs >= 8.0" in old
+
+
+def test_supports_without_flashinfer_here():
+    """On a machine without flashinfer (CI) the backend refuses with a reason instead of
+    failing to import."""
+    be = fb.FlashInferBackend()
+    reasons = be.supports(_problem())
+    assert reasons  # a CPU problem is refused in any case
+    if be.missing_packages() or fb._import_error() is not None:
+        assert any("flashinfer" in r for r in reasons)
+
+
+def test_one_workspace_per_device():
+    a = fb.workspace(torch.device("cpu"))
+    b = fb.workspace("cpu")
+    assert a is b and a.dtype == torch.uint8
+    assert a.numel() == fb.DEFAULT_WORKSPACE_MB * 2**20
+    fb._workspaces.clear()

@@ -1,0 +1,158 @@
+"""The Triton block-sparse kernel against the reference, on the CPU (TRITON_INTERPRET=1).
+
+Small ragged shapes: P not a multiple of the tiles (12, 20, 33), T up to 9, text
+tokens, GQA, batch 2, both dtypes and head dims, every kernel mode. The interpreter is
+slow, so each case is small and blocks are 16/32 wide (every tail path still runs).
+"""
+import os
+
+import pytest
+import torch
+
+import triton  # noqa: E402,F401  (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU)
+
+from lvsa.backend import Problem  # noqa: E402
+from lvsa.backends.reference import ReferenceBackend  # noqa: E402
+from lvsa.mask import BlockMask  # noqa: E402
+from lvsa.schedule import plan_schedule  # noqa: E402
+from lvsa_cuda import triton_backend as tb  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+REF = ReferenceBackend()
+
+
+def _inputs(B, T, P, H, Hkv, D, L, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dtype).to(DEV)
+
+    S = T * P
+    q, k, v = r(B, S, H, D), r(B, S, Hkv, D), r(B, S, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    return q, k, v, tk, tv
+
+
+def _expect(mask, q, k, v, tk, tv, scale=None):
+    up = [None if t is None else t.double().cpu() for t in (q, k, v, tk, tv)]
+    return REF.run(REF.plan(mask, None), *up, scale)
+
+
+def _err(out, ref):
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+CASES = [
+    # T, P, H, Hkv, D, B, L, dtype, W, ref, offset, config
+    (9, 12, 2, 1, 64, 1, 0, torch.float16, 1, 4, 1, (16, 16, 4, 1, "span")),
+    (9, 33, 2, 2, 64, 2, 20, torch.bfloat16, 1, 4, 0, (32, 32, 4, 1, "span")),
+    (7, 20, 4, 2, 128, 1, 7, torch.float16, 1, 3, 2, (16, 16, 4, 1, "tiles")),
+    (6, 33, 2, 1, 64, 2, 0, torch.bfloat16, 1, 3, 1, (32, 64, 4, 1, "tiles")),
+    (5, 20, 2, 2, 64, 1, 5, torch.float16, 0, 2, 0, (16, 32, 4, 1, "gather")),
+    (8, 12, 2, 2, 64, 1, 0, torch.float16, 1, 3, 0, (16, 16, 4, 1, "tma")),
+]
+
+
+@pytest.mark.parametrize("T,P,H,Hkv,D,B,L,dtype,W,ref,offset,config", CASES)
+def test_matches_reference(T, P, H, Hkv, D, B, L, dtype, W, ref, offset, config):
+    mask = plan_schedule(T, W=W, n=1, reference=ref).mask(offset)
+    assert not mask.is_dense
+    q, k, v, tk, tv = _inputs(B, T, P, H, Hkv, D, L, dtype, seed=T * P + H)
+    plan = tb.TritonBackend().plan(mask, None)
+    out = torch.full_like(q, float("nan"))
+    tb.block_sparse_attention(plan, q, k, v, tk, tv, None, config=config, out=out)
+    assert torch.isfinite(out).all(), "some output element was not written"
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert _err(out, _expect(mask, q, k, v, tk, tv)) < TOL[dtype]
+
+
+def test_backend_run_default_config_scale_and_strides():
+    """Through the backend API with the default config, a custom scale and
+    non-contiguous (transposed-from-BHSD) inputs."""
+    mask = plan_schedule(6, W=1, n=1, reference=3).mask(1)
+    B, T, P, H, D = 1, 6, 20, 2, 64
+    g = torch.Generator().manual_seed(3)
+    bhsd = [torch.randn(B, H, T * P, D, generator=g).half().to(DEV) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2) for t in bhsd)  # [B, S, H, D] views, not contiguous
+    be = tb.TritonBackend()
+    out = be.run(be.plan(mask, None), q, k, v, None, None, 0.2)
+    assert _err(out, _expect(mask, q, k, v, None, None, 0.2)) < TOL[torch.float16]
+
+
+def test_dense_and_globals_only_masks():
+    dense = plan_schedule(4, W=1, n=1, reference=21).mask(0)
+    assert dense.is_dense
+    glob = BlockMask(5, (0, 3), None)
+    for mask in (dense, glob):
+        q, k, v, tk, tv = _inputs(1, mask.num_frames, 12, 2, 2, 64, 3, torch.float16, 7)
+        out = tb.TritonBackend().run(mask, q, k, v, tk, tv)
+        assert _err(out, _expect(mask, q, k, v, tk, tv)) < TOL[torch.float16]
+
+
+def test_text_continuation_merges_exactly():
+    """attend_text_into (used by the flashinfer backend): a finished softmax given as
+    (normalised output, base-2 LSE) continued with the text keys equals the softmax
+    over video + text keys."""
+    from lvsa.ops import attention_lse
+    from lvsa_cuda.flashinfer_backend import natural_to_lse2
+
+    B, S, H, Hkv, D, L = 2, 24, 4, 2, 64, 9
+    q, k, v, tk, tv = _inputs(B, 1, S, H, Hkv, D, L, torch.float16, 11)
+    scale = D ** -0.5
+    o, lse = attention_lse(q.cpu(), k.cpu(), v.cpu(), scale)
+    full, _ = attention_lse(q.cpu(), torch.cat([k, tk], 1).cpu(), torch.cat([v, tv], 1).cpu(), scale)
+    out = o.half().to(DEV).contiguous()
+    tb.attend_text_into(out, natural_to_lse2(lse).contiguous().to(DEV), q, tk, tv, scale)
+    assert _err(out, full.double()) < TOL[torch.float16]
+
+
+def test_tile_table_covers_exactly_the_attended_tokens():
+    mask = plan_schedule(9, W=1, n=1, reference=4).mask(1)
+    P = 33
+    ptr, nfull, tok, length = tb.tile_table(mask, P, 64, 16)
+    for f in range(mask.num_frames):
+        toks = []
+        for i in range(ptr[f], ptr[f + 1]):
+            if i < ptr[f] + nfull[f]:
+                assert length[i] == 64
+            else:
+                assert 1 <= length[i] <= 16
+            toks.extend(range(tok[i], tok[i] + length[i]))
+        want = [c * P + p for c in mask.attended(f) for p in range(P)]
+        assert sorted(toks) == want
+
+
+def test_config_parsing_and_env(monkeypatch):
+    assert tb.parse_config("128,64,8,3") == (128, 64, 8, 3, "span")
+    assert tb.parse_config("128,128,8,3,tma")[-1] == "tma"
+    for bad in ("128,64", "100,64,8,3", "128,64,8,3,warp"):
+        with pytest.raises(ValueError, match="LVSA_TRITON_CONFIG"):
+            tb.parse_config(bad)
+    monkeypatch.setenv("LVSA_TRITON_CONFIG", "64,32,4,2,tiles")
+    assert tb.choose_config(128) == (64, 32, 4, 2, "tiles")
+
+
+def test_supports_reasons():
+    be = tb.TritonBackend()
+    mask = plan_schedule(9, W=1, n=1, reference=4).mask(0)
+    q = torch.zeros(1, 9 * 12, 4, 96, dtype=torch.float32)
+    reasons = be.supports(Problem.from_tensors(q, q[:, :, :3], mask))
+    text = " | ".join(reasons)
+    assert "device is cpu" in text
+    assert "dtype is float32" in text
+    assert "head_dim is 96" in text
+    p = Problem("cuda", torch.bfloat16, 1, 108, 4, 4, 128, T=9, P=12, compute_capability=(7, 5))
+    assert any("compute capability is 7.5, needs >= 8.0" in r for r in be.supports(p))
+    ok = Problem("cuda", torch.bfloat16, 2, 108, 4, 2, 128, text_len=7, T=9, P=12,
+                 compute_capability=(9, 0))
+    assert be.supports(ok) == []
+
+
+def test_registered_through_entry_point():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="lvsa")}
+    assert eps.get("triton") == "lvsa_cuda.triton_backend"
+    assert eps.get("flashinfer") == "lvsa_cuda.flashinfer_backend"
