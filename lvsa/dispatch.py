@@ -27,10 +27,12 @@ from .mask import BlockMask
 #: Automatic order per device kind. Backends registered by other distributions and
 #: not listed here are tried after the listed fast ones, before ``reference``.
 #: CUDA order from the H200 measurements (benchmarks/results/attention-h200-*.md):
-#: flashinfer is 7-13 % faster than triton at every T >= 41; triton needs no extra
-#: package and beats the reference 1.2-1.4x at T >= 81; flex (FlexAttention) is slower
-#: than the reference at every measured shape, so it is never chosen automatically
-#: (``backend="flex"`` still selects it).
+#: flashinfer is 7-13 % faster than triton at every T >= 41 and beats the reference at
+#: every sparse shape (1.01-1.44x); triton needs no extra package and beats the reference
+#: 1.23-1.30x at Wan 1.3B T81/T121/batch 2 and 1.11x at HunyuanVideo T65+text, but is
+#: 3 % slower at Wan 14B T81 (40 heads) and at near-dense masks; flex (FlexAttention) is
+#: slower than the reference at every measured shape, so it is never chosen
+#: automatically (``backend="flex"`` still selects it).
 AUTO_PRIORITY: Dict[str, Tuple[str, ...]] = {
     "cuda": ("flashinfer", "triton", "reference", "flex"),
     "npu": ("ascend", "reference"),
@@ -114,6 +116,8 @@ def explain(problem: Problem) -> Dict[str, List[str]]:
 
 
 _selection_cache: Dict[tuple, Selection] = {}
+#: (problem, backend name) -> the error it raised; auto selection skips it from then on
+_runtime_failures: Dict[tuple, str] = {}
 
 
 def select_backend(problem: Problem, requested: Optional[str] = None, config=None) -> Selection:
@@ -143,6 +147,9 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
                 refused[cand] = [f"not installed (pip install {PROVIDED_BY.get(cand, cand)})"]
                 continue
             reasons = bk.supports(problem)
+            failed = _runtime_failures.get((problem, cand))
+            if failed:
+                reasons = reasons + [f"raised at run time on this problem: {failed}"]
             if reasons:
                 refused[cand] = reasons
                 continue
@@ -200,6 +207,10 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         if not sel.auto or config.strict or sel.name == "reference":
             raise
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        # demote it for this problem: later calls select the next backend (and say so)
+        # instead of paying for the same failure on every layer and step
+        _runtime_failures[(problem, sel.name)] = msg
+        _selection_cache.clear()
         telemetry.emit("fallback", origin=origin, reason="backend_error",
                        seq_len=q.shape[1] + (0 if text_k is None else text_k.shape[1]),
                        backend=sel.name, error=repr(msg), to="reference", warn=config.warn_fallback)
@@ -211,3 +222,4 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
 
 def clear_caches():
     _selection_cache.clear()
+    _runtime_failures.clear()

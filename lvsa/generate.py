@@ -485,15 +485,18 @@ def _reset_peak(device) -> None:
         pass
 
 
-def decode_to_mp4(cmd: str, pipe, adapter, latent, out_path: str, fps: int, latent_path: str) -> int:
+def decode_to_mp4(cmd: str, pipe, adapter, latent, out_path: str, fps: int, latent_path: str,
+                  num_frames: Optional[int] = None) -> int:
     """VAE decode + mp4; an out-of-memory decode keeps the latent and says how to finish."""
     import torch
 
     try:
         with torch.no_grad():
-            video = adapter.decode(pipe, latent)
-    except Exception as e:  # noqa: BLE001 - OOM is reported, anything else re-raised
+            video = adapter.decode(pipe, latent, num_frames=num_frames)
+    except BaseException as e:  # OOM is reported; anything else re-raised, the latent named first
         if not _is_oom(e):
+            _err(cmd, f"the VAE decode failed ({type(e).__name__}); the denoised latent is kept at "
+                      f"{latent_path}: finish with  lvsa decode {latent_path}")
             raise
         _err(cmd, f"the VAE decode ran out of memory ({type(e).__name__}). Your denoised latent is safe at "
                   f"{latent_path}. Decode it later, on this or a larger device (VAE tiling is on by default):\n"
@@ -616,6 +619,10 @@ def _generate(args) -> int:
     summary = integrations.last_summary(pipe) if not args.no_lvsa else None
     fps = args.fps or adapter.fps
     T_tok, P_tok = adapter.latent_tokens(latent.shape, factors)
+    if num_frames is None:  # the pipeline's own default (needed to undo CogVideoX 1.5 padding)
+        import inspect
+        default = inspect.signature(type(pipe).__call__).parameters.get("num_frames")
+        num_frames = default.default if default is not None and isinstance(default.default, int) else None
     meta = {
         "format": LATENT_FORMAT, "family": spec.family, "pipeline_class": spec.pipeline_class,
         "model": spec.name if spec.tiny else spec.path, "prompt": args.prompt, "seed": args.seed,
@@ -632,7 +639,7 @@ def _generate(args) -> int:
     t1 = time.perf_counter()
     rc = 0
     if want_video:
-        rc = decode_to_mp4("generate", pipe, adapter, latent, out_path, fps, latent_path)
+        rc = decode_to_mp4("generate", pipe, adapter, latent, out_path, fps, latent_path, num_frames)
         if rc == 0 and not keep_latent:
             os.unlink(latent_path)
     t_decode = time.perf_counter() - t1
@@ -721,7 +728,7 @@ def _decode(args) -> int:
         pipe.vae.enable_tiling()
     _reset_peak(device)
     rc = decode_to_mp4("decode", pipe, adapter, data["latent"], out_path, args.fps or meta.get("fps") or adapter.fps,
-                       latent_file)
+                       latent_file, meta.get("num_frames"))
     if rc == 0:
         print(f"lvsa decode: done in {time.perf_counter() - t_start:.1f}s (VAE tiling {'on' if tiling else 'off'}; "
               f"peak mem {_peak_memory(device)})\n  output:    {out_path}", flush=True)

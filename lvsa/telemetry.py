@@ -119,7 +119,6 @@ class DefaultSink:
     def __init__(self, stream=None):
         self._stream = stream
         self._seen_fallbacks = set()
-        self._gen_seen = set()
         self._lock = threading.Lock()
 
     @property
@@ -129,13 +128,6 @@ class DefaultSink:
     def _print(self, line: str):
         print(line, file=self.stream, flush=True)
 
-    def _once_per_generation(self, key) -> bool:
-        with self._lock:
-            if key in self._gen_seen:
-                return False
-            self._gen_seen.add(key)
-            return True
-
     # the hook
     from .hookspecs import hookimpl as _hookimpl  # noqa: E402
 
@@ -143,22 +135,17 @@ class DefaultSink:
     def lvsa_event(self, event: Event):
         f = event.fields
         k = event.kind
-        if k == "generation_start":
-            with self._lock:
-                self._gen_seen.clear()
-        elif k == "schedule":
-            if self._once_per_generation(("schedule", f["T"], f["P"], f.get("reference"))):
-                self._print(f"[LVSA] reference_latent_frames={f['reference']} target_latent_frames={f['T']} "
-                            f"extension_ratio={f['extension_ratio']:.2f}x")
-                if f.get("auto"):
-                    self._print(f"[LVSA] computed key_frame_interval={f['kfi']} (latent frames)")
-                self._print(f"[LVSA] kfi={f['kfi']} global_count={f['global_count']} "
-                            f"attended_per_frame={f['attended_max']}/{f['T']}")
-        elif k == "engaged":
-            if self._once_per_generation(("engaged",)):
-                mode = "DENSE (T_lat <= ref)" if f["dense"] else "SPARSE"
-                self._print(f"[LVSA] engaged ({f['origin']}): T_lat={f['T']} P={f['P']} seq_len={f['seq_len']} "
-                            f"kfi={f['kfi']} W={f['W']} |G|={f['global_count']} -> {mode}")
+        if k == "schedule":  # the engine emits it once per generation and geometry
+            self._print(f"[LVSA] reference_latent_frames={f['reference']} target_latent_frames={f['T']} "
+                        f"extension_ratio={f['extension_ratio']:.2f}x")
+            if f.get("auto"):
+                self._print(f"[LVSA] computed key_frame_interval={f['kfi']} (latent frames)")
+            self._print(f"[LVSA] kfi={f['kfi']} global_count={f['global_count']} "
+                        f"attended_per_frame={f['attended_max']}/{f['T']}")
+        elif k == "engaged":  # the engine emits it once per generation
+            mode = "DENSE (T_lat <= ref)" if f["dense"] else "SPARSE"
+            self._print(f"[LVSA] engaged ({f['origin']}): T_lat={f['T']} P={f['P']} seq_len={f['seq_len']} "
+                        f"kfi={f['kfi']} W={f['W']} |G|={f['global_count']} -> {mode}")
         elif k == "fallback":
             if not f.get("warn", True):
                 return

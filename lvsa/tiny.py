@@ -92,8 +92,9 @@ def tiny_hunyuan(seed: int = 0):
     return pipe
 
 
-def tiny_cogvideox(seed: int = 0):
-    """A ``CogVideoXPipeline`` with RoPE (5B-style): 2 blocks, 2 heads of 16, tiny VAE (×4, ×8), T5."""
+def tiny_cogvideox(seed: int = 0, patch_size_t=None):
+    """A ``CogVideoXPipeline`` with RoPE (5B-style): 2 blocks, 2 heads of 16, tiny VAE (×4, ×8), T5.
+    ``patch_size_t=2`` makes it CogVideoX 1.5-style (temporal patches, padded latents)."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
                            CogVideoXTransformer3DModel)
     from transformers import T5Config, T5EncoderModel
@@ -104,6 +105,7 @@ def tiny_cogvideox(seed: int = 0):
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
         text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=49, patch_size=2,
+        patch_size_t=patch_size_t, patch_bias=patch_size_t is None,
         temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True)
     vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
                                  norm_num_groups=2, temporal_compression_ratio=4)
@@ -121,11 +123,11 @@ TINY_CALL_KWARGS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def build(family: str, seed: int = 0):
+def build(family: str, seed: int = 0, **options):
     """The tiny pipeline of ``family`` (``wan`` | ``hunyuan`` | ``cogvideox``), eval mode."""
     if family not in BUILDERS:
         raise ValueError(f"unknown tiny model {family!r}; choose from {', '.join(FAMILIES)}")
-    pipe = BUILDERS[family](seed)
+    pipe = BUILDERS[family](seed, **options)
     for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         m = getattr(pipe, name, None)
         if m is not None:

@@ -18,8 +18,10 @@ class CudaOnly(ReferenceBackend):
 
 class Exploding(ReferenceBackend):
     name = "exploding"
+    calls = 0
 
     def run(self, handle, *a, **kw):
+        Exploding.calls += 1
         raise RuntimeError("kernel launch failed: too many resources requested")
 
 
@@ -154,3 +156,14 @@ def test_plan_is_cached_per_mask_and_shape(with_backends):
     for step in range(6):
         lvsa.attention(q, k, v, sched.mask_for_step(step), backend="counting")
     assert sorted(calls) == list(range(sched.key_frame_interval))
+
+
+def test_a_backend_that_raised_is_demoted_for_that_problem(with_backends, monkeypatch, capsys):
+    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("exploding", "marker", "reference"))
+    Exploding.calls = 0
+    mask, q, k, v = inputs()
+    for _ in range(3):
+        lvsa.attention(q, k, v, mask)
+    assert Exploding.calls == 1 and Marker.calls == 2  # first call: reference; then the next in line
+    err = capsys.readouterr().err
+    assert "[LVSA] backend=marker (auto on cpu) refused: exploding: raised at run time on this problem" in err

@@ -73,7 +73,7 @@ def test_latent_round_trip_through_decode(cwd, capsys):
 def test_decode_out_of_memory_keeps_the_latent(cwd, capsys, monkeypatch):
     from lvsa.integrations.wan import WanAdapter
 
-    def oom(self, pipe, latents):
+    def oom(self, pipe, latents, num_frames=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 38.00 GiB")
 
     with monkeypatch.context() as m:
@@ -196,5 +196,35 @@ def test_adapter_decode_matches_the_pipelines_own(family):
     with torch.no_grad():
         ref = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames[0]
         latent = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="latent", **kw).frames
-        got = adapter_for_family(family).decode(pipe, latent)
+        got = adapter_for_family(family).decode(pipe, latent, num_frames=9)
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_cogvideox_15_padding_is_dropped_before_decode():
+    """CogVideoX 1.5 (patch_size_t=2) pads the latent; the decode must drop it like the pipeline."""
+    from lvsa.integrations.base import adapter_for_family
+
+    pipe = tiny.build("cogvideox", patch_size_t=2)
+    pipe.set_progress_bar_config(disable=True)
+    kw = tiny.call_kwargs("cogvideox", num_frames=33, height=32, width=32, num_inference_steps=1)
+    with torch.no_grad():
+        ref = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np", **kw).frames[0]
+        latent = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="latent", **kw).frames
+        assert latent.shape[1] == 10  # 33 frames -> 9 latent frames, padded in front to 10
+        got = adapter_for_family("cogvideox").decode(pipe, latent, num_frames=33)
+    assert got.shape[0] == ref.shape[0]
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_decode_failure_names_the_kept_latent(cwd, capsys, monkeypatch):
+    from lvsa.integrations.wan import WanAdapter
+
+    def broken(self, pipe, latents, num_frames=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(WanAdapter, "decode", broken)
+    with pytest.raises(KeyboardInterrupt):
+        main(["generate", *SMALL, "--output", "out/v.mp4"])
+    latent = cwd / "out" / "v.latent.pt"
+    assert latent.exists()
+    assert f"the denoised latent is kept at {latent}" in capsys.readouterr().err

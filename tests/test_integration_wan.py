@@ -153,3 +153,27 @@ def test_bad_setting_changes_nothing(pipe):
     with pytest.raises(ValueError, match="sparsity_scale"):
         lvsa.enable(pipe, sparsity_scale=0)
     assert not integrations.is_enabled(pipe) and _processors(pipe) == before
+
+
+def test_processors_replaced_after_enable_is_loud(clean, capsys):
+    pipe = clean
+    lvsa.enable(pipe)
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    pipe.transformer.set_attn_processor(WanAttnProcessor())  # e.g. a user's own processor swap
+    with torch.no_grad():
+        pipe("x", generator=torch.Generator().manual_seed(0), output_type="latent",
+             **tiny.call_kwargs(FAMILY, **SPARSE))
+    err = capsys.readouterr().err
+    assert "[LVSA-FALLBACK] origin=pipeline reason=processors_replaced" in err
+    assert integrations.last_summary(pipe)["fallbacks_by_reason"]["processors_replaced"] == 1
+
+
+def test_bare_transformer_reads_geometry_from_its_input(fresh_plugins, capsys):
+    tr = tiny.build(FAMILY).transformer
+    integrations.enable(tr, patches_per_frame=4)   # wrong P for this input: must not run sparse wrongly
+    x = torch.randn(1, 16, 25, 8, 8)                # T=25 latent frames, P=16 tokens per frame
+    with torch.no_grad():
+        tr(x, timestep=torch.tensor([1]), encoder_hidden_states=torch.randn(1, 8, 32))
+    err = capsys.readouterr().err
+    assert "reason=geometry_detect" in err and "expected_T=25" in err
+    assert "-> SPARSE" not in err

@@ -156,3 +156,13 @@ def test_registered_through_entry_point():
     eps = {ep.name: ep.value for ep in entry_points(group="lvsa")}
     assert eps.get("triton") == "lvsa_cuda.triton_backend"
     assert eps.get("flashinfer") == "lvsa_cuda.flashinfer_backend"
+
+
+def test_config_follows_compute_capability(monkeypatch):
+    from lvsa_cuda import triton_backend as tb
+    monkeypatch.delenv("LVSA_TRITON_CONFIG", raising=False)
+    monkeypatch.setattr(tb, "interpreting", lambda: False)
+    assert tb.choose_config(128, (9, 0))[4] == "tma"        # Hopper: TMA tiles, measured on the H200
+    assert tb.choose_config(128, (8, 6)) == tb.PRE_HOPPER_CONFIG  # no TMA, fits ~100 KB smem
+    monkeypatch.setenv("LVSA_TRITON_CONFIG", "64,32,4,2,tiles")
+    assert tb.choose_config(128, (9, 0)) == (64, 32, 4, 2, "tiles")

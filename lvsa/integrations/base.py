@@ -99,7 +99,7 @@ class Adapter:
         """``(T, P)`` the pipeline will run for these ``__call__`` arguments, or ``None``."""
         return None
 
-    def decode(self, pipe, latents):
+    def decode(self, pipe, latents, num_frames=None):
         """Latent (as returned with ``output_type="latent"``) → float video ``[F, H, W, 3]`` in [0, 1]."""
         raise NotImplementedError
 
@@ -156,6 +156,12 @@ class ProcessorBase:
     def __init__(self, engine, original):
         self.engine = engine
         self.original = original
+        # keep what diffusers set on the original (attention backend, context parallelism),
+        # so a sharded sequence is recognised and handed off instead of run as if whole
+        for attr in ("_attention_backend", "_parallel_config"):
+            val = getattr(original, attr, None)
+            if val is not None:
+                setattr(self, attr, val)
 
     def delegate(self, reason: str, seq_len: int, *args, **kwargs):
         """Run the original processor (``args`` as it takes them: ``attn, hidden_states, …``), loudly."""
@@ -204,9 +210,10 @@ class LVSAState:
         self.hooks.clear()
 
     def _pre_forward(self, module, args, kwargs):
-        # Geometry from the first forward, only for pipelines whose call arguments the
-        # adapter cannot read (image-to-video variants, custom pipelines).
-        if not self.geometry_pending:
+        # Geometry from the transformer's input: on the first forward for pipelines whose
+        # call arguments the adapter cannot read (image-to-video variants, custom
+        # pipelines), and on every forward of a bare transformer (no pipeline call to read).
+        if not self.geometry_pending and is_pipeline(self.pipe):
             return None
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if hs is not None and getattr(hs, "dim", lambda: 0)() == 5:
@@ -242,12 +249,23 @@ class LVSAState:
             else:
                 self.geometry_pending = True
             self.engine.begin_generation()
+            replaced = [type(m.processor).__name__ for m, _ in self.originals
+                        if not isinstance(m.processor, ProcessorBase)]
+            if replaced:
+                self.engine.fallback("pipeline", "processors_replaced", 0, count=len(replaced),
+                                     now=replaced[0], fix="call lvsa.enable(pipe) again after "
+                                     "fuse_qkv_projections()/set_attn_processor()")
             restore = wrap_scheduler_step(getattr(pipe, "scheduler", None), self.engine)
             try:
                 return call(pipe, *args, **kwargs)
             finally:
                 restore()
                 self.last_summary = self.engine.end_generation()
+                s = self.last_summary
+                if not replaced and s["sparse_calls"] + s["dense_calls"] + s["fallbacks"] == 0:
+                    self.engine.fallback("pipeline", "lvsa_not_called", 0,
+                                         fix="no attention call reached lvsa in this generation")
+                    self.last_summary = self.engine.end_generation()
         finally:
             with self._lock:
                 self._depth -= 1

@@ -121,7 +121,13 @@ class CogVideoXAdapter(Adapter):
         num_frames = args.get("num_frames") or cfg.sample_frames
         return self._tokens_T(f, num_frames), f.patches_per_frame(height, width)
 
-    def decode(self, pipe, latents):
+    def decode(self, pipe, latents, num_frames=None):
+        if num_frames:
+            # CogVideoX 1.5 (patch_size_t > 1) pads the latent in front to a multiple of
+            # patch_size_t and drops the padding only when it decodes itself: do the same
+            extra = latents.shape[1] - self.pipe_factors(pipe).latent_frames(num_frames)
+            if extra > 0:
+                latents = latents[:, extra:]
         latents = latents.to(device=next(pipe.vae.parameters()).device, dtype=pipe.vae.dtype)
         video = pipe.decode_latents(latents)
         return pipe.video_processor.postprocess_video(video, output_type="np")[0]

@@ -127,7 +127,7 @@ class HunyuanAdapter(Adapter):
         T = f.latent_frames(int(args["num_frames"])) // f.patch_t
         return T, (lat_h // f.patch_h) * (lat_w // f.patch_w)
 
-    def decode(self, pipe, latents):
+    def decode(self, pipe, latents, num_frames=None):
         vae = pipe.vae
         latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype) / vae.config.scaling_factor
         video = vae.decode(latents, return_dict=False)[0]

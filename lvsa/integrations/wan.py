@@ -111,7 +111,7 @@ class WanAdapter(Adapter):
         width = int(args["width"]) // mw * mw
         return f.latent_frames(num_frames) // f.patch_t, f.patches_per_frame(height, width)
 
-    def decode(self, pipe, latents):
+    def decode(self, pipe, latents, num_frames=None):
         vae = pipe.vae
         latents = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
         z = vae.config.z_dim

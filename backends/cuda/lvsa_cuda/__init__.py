@@ -9,6 +9,8 @@
 Importing this package imports neither triton nor flashinfer; each backend module
 explains itself through ``supports()`` when its package or GPU is missing.
 """
+import contextlib
+
 import torch
 
 from lvsa.backend import Backend
@@ -26,3 +28,10 @@ class CudaBackend(Backend):
     supports_gqa = True
     supports_text = True
     min_compute_capability = (8, 0)
+
+
+def device_guard(device):
+    """Launch on ``device`` even when it is not the current CUDA device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -36,7 +36,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend
+from lvsa_cuda import CudaBackend, device_guard
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
 from lvsa.ops import default_scale
@@ -192,7 +192,13 @@ class FlashInferBackend(CudaBackend):
                 f"{tuple(q.shape)} {q.dtype} and k heads {Hkv}")
         scale = default_scale(D) if scale is None else float(scale)
         has_text = text_k is not None and text_k.shape[1] > 0
-        with handle.lock:
+        strided = [n for n, t in (("q", q), ("k", k), ("v", v)) if not t.is_contiguous()]
+        if strided:  # FlashInfer needs [B*S, H, D] views: reshape copies, say so once
+            from lvsa import telemetry
+            telemetry.emit("warning", message=(
+                f"flashinfer: {', '.join(strided)} not contiguous, copied before every call "
+                "(pass contiguous [B, S, H, D] tensors to avoid the copy)"))
+        with device_guard(q.device), handle.lock:
             if handle.scale is None or not math.isclose(handle.scale, scale, rel_tol=1e-7):
                 self._plan_wrapper(handle, scale)
             res = handle.wrapper.run(q.reshape(B * S, H, D), k.reshape(B * S, Hkv, D),
@@ -200,8 +206,9 @@ class FlashInferBackend(CudaBackend):
         if not has_text:
             return res.view(B, S, H, D)
         out, lse2 = res
-        return attend_text_into(out.view(B, S, H, D), lse2.view(B, S, H), q, text_k, text_v,
-                                scale)
+        with device_guard(q.device):
+            return attend_text_into(out.view(B, S, H, D), lse2.view(B, S, H), q, text_k, text_v,
+                                    scale)
 
 
 @hookimpl

@@ -48,7 +48,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend
+from lvsa_cuda import CudaBackend, device_guard
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask, token_ranges
 from lvsa.ops import default_scale
@@ -68,6 +68,9 @@ DEFAULT_CONFIGS = {
     64: (128, 128, 8, 3, "tma"),
     128: (128, 128, 8, 3, "tma"),
 }
+#: before Hopper (no TMA, ~100-164 KB of shared memory): pointer loads, smaller tiles.
+#: Not measured (only an H200 was at hand): chosen to fit sm_80/86/89 shared memory.
+PRE_HOPPER_CONFIG = (64, 64, 4, 2, "span")
 #: small blocks for the CPU interpreter (fast, and every tail path is exercised)
 INTERPRET_CONFIG = (16, 16, 4, 1, "span")
 #: width of the key tiles that cover the partial tail of each run (modes tiles/tma)
@@ -137,12 +140,15 @@ def parse_config(text: str) -> Tuple[int, int, int, int, str]:
     return bm, bn, w, st, mode
 
 
-def choose_config(head_dim: int) -> Tuple[int, int, int, int, str]:
+def choose_config(head_dim: int, compute_capability: Optional[Tuple[int, int]] = None
+                  ) -> Tuple[int, int, int, int, str]:
     env = os.environ.get("LVSA_TRITON_CONFIG")
     if env:
         return parse_config(env)
     if interpreting():
         return INTERPRET_CONFIG
+    if compute_capability is not None and tuple(compute_capability) < (9, 0):
+        return PRE_HOPPER_CONFIG
     return DEFAULT_CONFIGS.get(head_dim, (128, 64, 8, 2, "span"))
 
 
@@ -452,7 +458,10 @@ def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
     T = plan.num_frames
     P = S // T
     scale = default_scale(D) if scale is None else float(scale)
-    bm, bn, warps, stages, mode = config or choose_config(D)
+    if config is None:
+        from lvsa.devices import compute_capability
+        config = choose_config(D, compute_capability(q.device))
+    bm, bn, warps, stages, mode = config
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_last_dim(name, t)
     if mode == "span" and P < bn:
@@ -517,21 +526,21 @@ class TritonBackend(CudaBackend):
         device = "cpu"
         if problem is not None and problem.device_kind == "cuda":
             device = torch.device("cuda", problem.device_index or 0)
-        key = (self.name, str(device))
+        return self._plan_on(mask, device)
 
+    def _plan_on(self, mask: BlockMask, device) -> TritonPlan:
         def build():
             indptr, indices = mask.csr_tensors(device)
             return TritonPlan(mask, mask.num_frames, indptr, indices)
 
-        return mask.cached(key, build)
+        return mask.cached((self.name, str(device)), build)
 
     def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
-        if isinstance(handle, BlockMask):
-            handle = self.plan(handle, None)
-        if handle.indptr.device != q.device:
-            indptr, indices = (t.to(q.device) for t in (handle.indptr, handle.indices))
-            handle = TritonPlan(handle.mask, handle.num_frames, indptr, indices)
-        return block_sparse_attention(handle, q, k, v, text_k, text_v, scale)
+        if isinstance(handle, BlockMask) or handle.indptr.device != q.device:
+            # a plan for another device: build (once, cached in the mask) the one for q's
+            handle = self._plan_on(handle if isinstance(handle, BlockMask) else handle.mask, q.device)
+        with device_guard(q.device):
+            return block_sparse_attention(handle, q, k, v, text_k, text_v, scale)
 
 
 @hookimpl
