@@ -60,7 +60,7 @@ def test_matches_reference(T, P, H, Hkv, D, B, L, dtype, W, ref, offset, config)
     mask = plan_schedule(T, W=W, n=1, reference=ref).mask(offset)
     assert not mask.is_dense
     q, k, v, tk, tv = _inputs(B, T, P, H, Hkv, D, L, dtype, seed=T * P + H)
-    plan = tb.TritonBackend().plan(mask, None)
+    plan = tb.plan_for(mask, q.device)
     out = torch.full_like(q, float("nan"))
     tb.block_sparse_attention(plan, q, k, v, tk, tv, None, config=config, out=out)
     assert torch.isfinite(out).all(), "some output element was not written"
@@ -166,3 +166,14 @@ def test_config_follows_compute_capability(monkeypatch):
     assert tb.choose_config(128, (8, 6)) == tb.PRE_HOPPER_CONFIG  # no TMA, fits ~100 KB smem
     monkeypatch.setenv("LVSA_TRITON_CONFIG", "64,32,4,2,tiles")
     assert tb.choose_config(128, (9, 0)) == (64, 32, 4, 2, "tiles")
+
+
+def test_a_plan_for_another_device_is_replaced_by_one_for_q():
+    """A plan built elsewhere (here: on the meta device) must not reach the kernel."""
+    mask = plan_schedule(6, W=1, n=1, reference=3).mask(1)
+    q, k, v, _, _ = _inputs(1, 6, 12, 2, 2, 64, 0, torch.float16, seed=3)
+    ip, ix = mask.csr_tensors("meta")
+    foreign = tb.TritonPlan(mask, 6, ip, ix)
+    out = tb.block_sparse_attention(foreign, q, k, v, config=(16, 16, 4, 1, "span"))
+    assert _err(out, _expect(mask, q, k, v, None, None)) < TOL[torch.float16]
+    assert tb.plan_for(mask, q.device) is tb.plan_for(mask, q.device)  # cached in the mask

@@ -435,6 +435,15 @@ class TritonPlan:
         return self.mask.cached(("triton-tiles", str(device), P, block_n, tail_n), build)
 
 
+def plan_for(mask: BlockMask, device) -> TritonPlan:
+    """The mask's CSR on ``device`` (built once, cached in the mask)."""
+    def build():
+        indptr, indices = mask.csr_tensors(device)
+        return TritonPlan(mask, mask.num_frames, indptr, indices)
+
+    return mask.cached(("triton", str(torch.device(device))), build)
+
+
 def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
                            scale: Optional[float] = None, config=None, out=None):
     """Launch the kernel. Shapes as in :meth:`lvsa.backend.Backend.run`.
@@ -453,6 +462,9 @@ def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
     out : torch.Tensor, optional
         ``[B, S, H, D]`` to write into.
     """
+    if isinstance(plan, BlockMask) or plan.indptr.device != q.device:
+        # a plan made for another device (e.g. planned on the CPU): use the one for q's
+        plan = plan_for(plan if isinstance(plan, BlockMask) else plan.mask, q.device)
     B, S, H, D = q.shape
     Hkv = k.shape[2]
     T = plan.num_frames
@@ -526,19 +538,9 @@ class TritonBackend(CudaBackend):
         device = "cpu"
         if problem is not None and problem.device_kind == "cuda":
             device = torch.device("cuda", problem.device_index or 0)
-        return self._plan_on(mask, device)
-
-    def _plan_on(self, mask: BlockMask, device) -> TritonPlan:
-        def build():
-            indptr, indices = mask.csr_tensors(device)
-            return TritonPlan(mask, mask.num_frames, indptr, indices)
-
-        return mask.cached((self.name, str(device)), build)
+        return plan_for(mask, device)
 
     def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
-        if isinstance(handle, BlockMask) or handle.indptr.device != q.device:
-            # a plan for another device: build (once, cached in the mask) the one for q's
-            handle = self._plan_on(handle if isinstance(handle, BlockMask) else handle.mask, q.device)
         with device_guard(q.device):
             return block_sparse_attention(handle, q, k, v, text_k, text_v, scale)
 
