@@ -177,3 +177,30 @@ def test_bare_transformer_reads_geometry_from_its_input(fresh_plugins, capsys):
     err = capsys.readouterr().err
     assert "reason=geometry_detect" in err and "expected_T=25" in err
     assert "-> SPARSE" not in err
+
+
+def test_step_comes_from_the_step_callback_and_the_users_callback_still_runs(clean):
+    from diffusers.callbacks import PipelineCallback
+
+    pipe = clean
+    lvsa.enable(pipe, mask_log="1")
+    rec = tiny.EventRecorder()
+    from lvsa import plugins
+    plugins.register_plugin(rec)
+    seen = []
+
+    class UserCallback(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            seen.append((step_index, tuple(callback_kwargs)))
+            assert "step" not in vars(pipeline.scheduler)  # no scheduler wrapper when a callback exists
+            return callback_kwargs
+
+    with torch.no_grad():
+        pipe("x", generator=torch.Generator().manual_seed(0), output_type="latent",
+             callback_on_step_end=UserCallback(), **tiny.call_kwargs(FAMILY, **SPARSE))
+    assert seen == [(0, ("latents",)), (1, ("latents",)), (2, ("latents",))]  # the user's callback, intact
+    masks = rec.of("mask")
+    kfi = rec.of("schedule")[0]["kfi"]
+    assert [m["step"] for m in masks] == [0, 1, 2] and [m["offset"] for m in masks] == [0, 1 % kfi, 2 % kfi]

@@ -9,9 +9,9 @@ backend; replacing attention processors is the supported hook):
 * the pipeline's class is swapped for a thin subclass whose ``__call__`` computes the
   geometry from the call arguments and the pipeline's own config (VAE factors, patch
   size, default frame count), starts a generation on the :class:`~lvsa.engine.Engine`,
-  and wraps ``scheduler.step`` for the duration of the call, so the engine learns the
-  denoising step from the step that really finished (CFG batched or not), not from
-  counting attention calls.
+  and tells the engine which denoising step comes next from the step that really
+  finished (CFG batched or not), not from counting attention calls: through the pipeline's ``callback_on_step_end`` (chained in
+  front of the user's own) where the pipeline has one, else through ``scheduler.step``.
 """
 from __future__ import annotations
 
@@ -237,6 +237,7 @@ class LVSAState:
             if nested:  # a pipeline calling itself: one generation
                 return call(pipe, *args, **kwargs)
             geo = None
+            bound = None
             try:
                 bound = inspect.signature(call).bind(pipe, *args, **kwargs)
                 bound.apply_defaults()
@@ -255,7 +256,13 @@ class LVSAState:
                 self.engine.fallback("pipeline", "processors_replaced", 0, count=len(replaced),
                                      now=replaced[0], fix="call lvsa.enable(pipe) again after "
                                      "fuse_qkv_projections()/set_attn_processor()")
-            restore = wrap_scheduler_step(getattr(pipe, "scheduler", None), self.engine)
+            if bound is not None and "callback_on_step_end" in bound.arguments:
+                # the pipeline's own step callback tells the engine which step comes next
+                # (chained in front of the user's callback, if any)
+                restore = _chain_step_callback(bound, self.engine)
+                args, kwargs = bound.args[1:], bound.kwargs
+            else:  # pipelines without one (HunyuanVideo 1.5): the scheduler's step
+                restore = wrap_scheduler_step(getattr(pipe, "scheduler", None), self.engine)
             try:
                 return call(pipe, *args, **kwargs)
             finally:
@@ -269,6 +276,24 @@ class LVSAState:
         finally:
             with self._lock:
                 self._depth -= 1
+
+
+def _chain_step_callback(bound, engine) -> Callable[[], None]:
+    """Put an engine-stepping callback in front of the user's ``callback_on_step_end``."""
+    user_cb = bound.arguments.get("callback_on_step_end")
+    tensor_inputs = getattr(user_cb, "tensor_inputs", None)
+    if tensor_inputs is not None and "callback_on_step_end_tensor_inputs" in bound.arguments:
+        # diffusers reads a PipelineCallback's tensor inputs itself; our wrapper hides the
+        # object, so pass them on explicitly
+        bound.arguments["callback_on_step_end_tensor_inputs"] = list(tensor_inputs)
+    engine.set_step(0)
+
+    def lvsa_step_callback(pipe, i, t, callback_kwargs):
+        engine.set_step(int(i) + 1)
+        return user_cb(pipe, i, t, callback_kwargs) if user_cb is not None else callback_kwargs
+
+    bound.arguments["callback_on_step_end"] = lvsa_step_callback
+    return lambda: None
 
 
 def wrap_scheduler_step(scheduler, engine) -> Callable[[], None]:
