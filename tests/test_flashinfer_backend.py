@@ -1,6 +1,7 @@
 """CPU-checkable parts of the flashinfer backend: the block-diagonal CSR over batch x
 frames, the base-2 LSE convention, and the reasons it gives where it cannot run."""
 import math
+import sys
 
 import pytest
 import torch
@@ -112,3 +113,68 @@ def test_one_workspace_per_device():
     assert a is b and a.dtype == torch.uint8
     assert a.numel() == fb.DEFAULT_WORKSPACE_MB * 2**20
     fb._workspaces.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# The backend's plan/run on the CPU against a stand-in for FlashInfer's documented
+# BlockSparseAttentionWrapper semantics (block row i = query rows [i*R, (i+1)*R), block
+# column j = key rows [j*C, (j+1)*C); run(q [M,Hq,D], k/v [N,Hkv,D]) -> out, base-2 LSE).
+class _FakeBSRWrapper:
+    plans = 0
+
+    def __init__(self, workspace, backend="auto"):
+        assert workspace.dtype == torch.uint8
+        self.args = None
+
+    def plan(self, indptr, indices, M, N, R, C, num_qo_heads, num_kv_heads, head_dim, sm_scale=None,
+             q_data_type=None, o_data_type=None, **kw):
+        _FakeBSRWrapper.plans += 1
+        assert M % R == 0 and N % C == 0 and indptr.numel() == M // R + 1
+        self.args = (indptr.tolist(), indices.tolist(), M, N, R, C, num_qo_heads, num_kv_heads, sm_scale)
+
+    def run(self, q, k, v, return_lse=False):
+        indptr, indices, M, N, R, C, Hq, Hkv, scale = self.args
+        assert q.shape[0] == M and k.shape[0] == N and q.shape[1] == Hq and k.shape[1] == Hkv
+        allowed = torch.zeros(M, N, dtype=torch.bool)
+        for i in range(M // R):
+            for j in indices[indptr[i]:indptr[i + 1]]:
+                allowed[i * R:(i + 1) * R, j * C:(j + 1) * C] = True
+        rep = Hq // Hkv
+        kk, vv = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+        s = torch.einsum("mhd,nhd->hmn", q.float(), kk) * scale
+        s = s.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(s, -1)                       # [H, M], natural
+        out = torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vv).to(q.dtype)
+        return (out, (lse / math.log(2)).t().contiguous()) if return_lse else out
+
+
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    import types
+    mod = types.ModuleType("flashinfer")
+    mod.BlockSparseAttentionWrapper = _FakeBSRWrapper
+    monkeypatch.setitem(sys.modules, "flashinfer", mod)
+    _FakeBSRWrapper.plans = 0
+    yield mod
+    fb._workspaces.clear()
+
+
+@pytest.mark.parametrize("B,H,Hkv,L", [(2, 4, 2, 5), (1, 2, 2, 0), (2, 2, 1, 0)])
+def test_plan_and_run_against_the_reference(fake_flashinfer, B, H, Hkv, L):
+    from lvsa.backends.reference import ReferenceBackend
+    T, P, D = 7, 12, 16
+    mask = plan_schedule(T, 1, 1, 3).mask(1)
+    g = torch.Generator().manual_seed(B * 10 + H)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    q, k, v = r(B, T * P, H, D), r(B, T * P, Hkv, D), r(B, T * P, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    prob = Problem("cpu", torch.float32, B, T * P, H, Hkv, D, text_len=L, T=T, P=P)
+    be = fb.FlashInferBackend()
+    plan = be.plan(mask, prob)
+    assert be.plan(mask, prob) is plan and _FakeBSRWrapper.plans == 1   # planned once per mask+shape
+    out = be.run(plan, q, k, v, tk, tv)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
+    assert torch.allclose(out, ref, atol=2e-5)
+    be.run(plan, q, k, v, tk, tv, scale=0.1)                            # a new scale replans
+    assert _FakeBSRWrapper.plans == 2
+    assert plan.wrapper.args[2] == B * T * P                             # batch folded into one call

@@ -149,7 +149,8 @@ class FlashInferBackend(CudaBackend):
 
     # ------------------------------------------------------------------ plan
     def plan(self, mask: BlockMask, problem) -> FlashInferPlan:
-        device = torch.device("cuda", problem.device_index or 0)
+        device = (torch.device("cuda", problem.device_index or 0) if problem.device_kind == "cuda"
+                  else torch.device(problem.device_kind))
         P = problem.seq_len // mask.num_frames
         key = (self.name, str(device), problem.batch, P, problem.num_heads,
                problem.num_kv_heads, problem.head_dim, problem.dtype)
