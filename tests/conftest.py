@@ -49,3 +49,20 @@ def make_dist(tmp_path, monkeypatch):
         return info
 
     yield make
+
+
+@pytest.fixture(scope="module")
+def pipe(request):
+    """The tiny offline pipeline of the test module's ``FAMILY`` (built once per module)."""
+    from lvsa import tiny
+
+    return tiny.build(request.module.FAMILY)
+
+
+@pytest.fixture
+def clean(pipe, fresh_plugins):
+    """``pipe`` with lvsa disabled again after the test."""
+    from lvsa import integrations
+
+    yield pipe
+    integrations.disable(pipe)

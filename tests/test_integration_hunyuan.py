@@ -1,26 +1,13 @@
 """lvsa inside a tiny offline HunyuanVideo15Pipeline: the joint video-then-text sequence,
 padded text masks, dense equivalence, sparse path with rotation, foreign geometry."""
-import pytest
 import torch
 
-
-import lvsa  # noqa: E402
-from lvsa import integrations, tiny  # noqa: E402
+import lvsa
+from lvsa import tiny
 
 FAMILY = "hunyuan"
 DENSE = dict(num_frames=17, height=32, width=32, num_inference_steps=2)    # T=5 <= 33
 SPARSE = dict(num_frames=145, height=32, width=32, num_inference_steps=3)  # T=37 > 33
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny.build(FAMILY)
-
-
-@pytest.fixture
-def clean(pipe, fresh_plugins):
-    yield pipe
-    integrations.disable(pipe)
 
 
 def test_only_the_dual_stream_attention_is_replaced(clean):

@@ -7,23 +7,12 @@ import pytest
 import torch
 
 
-import lvsa  # noqa: E402
-from lvsa import integrations, tiny  # noqa: E402
+import lvsa
+from lvsa import integrations, tiny
 
 FAMILY = "wan"
 DENSE = dict(num_frames=17, height=32, width=32, num_inference_steps=2)    # T=5 <= 21
 SPARSE = dict(num_frames=97, height=32, width=32, num_inference_steps=3)   # T=25 > 21
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny.build(FAMILY)
-
-
-@pytest.fixture
-def clean(pipe, fresh_plugins):
-    yield pipe
-    integrations.disable(pipe)
 
 
 def _processors(p):
