@@ -69,7 +69,7 @@ def main():
                   f"| {r['step_lookup_us']} | {r['engine_step_lookup_us']} |")
     t121 = next(r for r in rows if r["T"] == 121)
     md += ["", f"T=121: {t121['plan_all_rotations_ms']} ms to plan all {t121['patterns']} rotations "
-           f"(target < 20 ms; the published implementation rebuilds one pattern in 34 ms every step), "
+           f"(target < 20 ms; gpu-anchors.md: the published implementation rebuilds one pattern in 34 ms every step), "
            f"{t121['engine_step_lookup_us']} µs per step lookup through the engine (target < 50 µs)."]
     with open(os.path.join(args.out, "planner-cpu.md"), "w") as f:
         f.write("\n".join(md) + "\n")

@@ -112,6 +112,7 @@ class Engine:
                      "announced": set(), "mask_logged": set(), "T": None, "P": None,
                      "extension_ratio": None, "t0": time.perf_counter()}
         self._step_t0 = None
+        self._calls_in_step = 0
         if announce:
             telemetry.new_generation()
 
@@ -121,10 +122,12 @@ class Engine:
         self._close_step(now)
         self.step = int(step)
         self._step_t0 = now
+        self._calls_in_step = 0
 
     def _close_step(self, now: float):
         c = self.config
-        if self._step_t0 is not None:
+        # a step opened by the last step callback that ran no attention is not a step
+        if self._step_t0 is not None and self._calls_in_step:
             if c.step_time_log:
                 if self._last_device is not None:
                     from .devices import synchronize
@@ -164,6 +167,7 @@ class Engine:
         from .ops import validate_inputs
 
         origin = origin or f"forward_{q.device.type}"
+        self._calls_in_step += 1
         validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check)
         S = q.shape[1]
         L = 0 if text_k is None else text_k.shape[1]

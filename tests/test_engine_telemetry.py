@@ -220,3 +220,17 @@ def test_direct_attention_calls_are_counted(fresh_plugins):
 def test_short_window_setting_warns(fresh_plugins, capsys):
     Engine(family="wan", window_size=3)
     assert "window_size=3 video frames is W=0 latent frames" in capsys.readouterr().err
+
+
+def test_a_step_opened_by_the_last_callback_is_not_timed(fresh_plugins, capsys):
+    eng = Engine(family="wan", step_time_log=True, window_size=4)
+    eng.set_geometry(patches_per_frame=2)
+    q, k, v, _, _ = qkv(1, 30 * 2)
+    eng.begin_generation()
+    for step in range(3):
+        eng.set_step(step)
+        eng.attention(q, k, v)
+    eng.set_step(3)  # the step callback after the last step
+    eng.end_generation()
+    steps = re.findall(r"\[LVSA-TIME\] step=(\d+)", capsys.readouterr().err)
+    assert steps == ["0", "1", "2"]
