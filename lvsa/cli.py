@@ -1,243 +1,20 @@
-"""The ``lvsa`` command: ``plan``, ``info``, ``generate``, ``decode``.
+"""The ``lvsa`` command: it wires the subcommands of :mod:`lvsa.commands`.
 
 argparse subcommands (as vllm and FastVideo do); every subcommand has a complete
-``--help``. Each subcommand module adds its own parser; this file only wires them.
+``--help``. Each subcommand lives in its own module under ``lvsa/commands`` and adds its
+own parser through ``register(subparsers)``; this file only lists them.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
 import sys
 from typing import List, Optional
 
 from . import __version__
 
-
-# ------------------------------------------------------------------ plan
-def _add_plan(sub):
-    p = sub.add_parser(
-        "plan", help="show the sparse schedule for a model preset or explicit geometry",
-        description=(
-            "Compute the lvsa schedule (keyframe interval, global frames, windows, sparsity) "
-            "for a model preset or explicit geometry and print the mask picture "
-            "(G global, W window, X both, . skipped). LVSA_* variables apply; flags win."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("geometry")
-    g.add_argument("--model", default="wan2.1-t2v-1.3b",
-                   help="model preset (reference horizon, VAE factors, patch size, default size); "
-                        "`lvsa info --presets` lists them")
-    g.add_argument("--num-frames", type=int, help="video frames F ((F-1) %% t == 0); default: the preset's")
-    g.add_argument("--latent-frames", type=int, help="latent frames T (instead of --num-frames)")
-    g.add_argument("--height", type=int, help="video height (default: the preset's)")
-    g.add_argument("--width", type=int, help="video width (default: the preset's)")
-    g.add_argument("--patches-per-frame", type=int, help="tokens per latent frame P (instead of --height/--width)")
-    g.add_argument("--text-tokens", type=int, default=None, help="text tokens joined to the sequence (default: the preset's)")
-    s = p.add_argument_group("schedule (defaults from LVSA_* / config)")
-    s.add_argument("--window-size", type=int, help="window half-width in video frames (LVSA_WINDOW_SIZE)")
-    s.add_argument("--n-first-frames", type=int, help="leading global frames, video frames (LVSA_N_FIRST_FRAMES)")
-    s.add_argument("--reference-latent-frames", type=int, help="training horizon in latent frames")
-    s.add_argument("--sparsity-scale", type=float, help="budget multiplier, < 1 sparser (LVSA_SPARSITY_SCALE)")
-    s.add_argument("--key-frame-interval", type=int, help="fixed keyframe interval; turns auto off")
-    s.add_argument("--no-rotate", action="store_true", help="do not rotate the keyframe grid per step")
-    s.add_argument("--no-expand", action="store_true", help="plain (not expanded) windows")
-    s.add_argument("--world-size", type=int, default=1, help="context-parallel world size")
-    o = p.add_argument_group("output")
-    o.add_argument("--steps", type=int, default=None, help="print the rotation for this many denoising steps")
-    o.add_argument("--step", type=int, default=0, help="the step whose mask picture is printed")
-    o.add_argument("--no-picture", action="store_true", help="omit the mask picture")
-    o.add_argument("--json", action="store_true", help="machine-readable output (whole schedule)")
-    p.set_defaults(func=cmd_plan)
-
-
-def _plan_inputs(args):
-    from .config import Config
-    from .schedule import get_preset, latent_frames, patches_per_frame
-
-    for flag, val, lo in (("--patches-per-frame", args.patches_per_frame, 1), ("--latent-frames", args.latent_frames, 1),
-                          ("--text-tokens", args.text_tokens, 0), ("--step", args.step, 0),
-                          ("--steps", args.steps, 0), ("--world-size", args.world_size, 1),
-                          ("--height", args.height, 1), ("--width", args.width, 1)):
-        if val is not None and val < lo:
-            raise ValueError(f"{flag} must be >= {lo}, got {val}")
-
-    preset = get_preset(args.model)
-    settings = {"window_size": args.window_size, "n_first_frames": args.n_first_frames,
-                "reference_latent_frames": args.reference_latent_frames,
-                "sparsity_scale": args.sparsity_scale}
-    if args.key_frame_interval is not None:
-        settings.update(key_frame_interval=args.key_frame_interval, auto_keyframes=False)
-    if args.no_rotate:
-        settings["rotate_keyframes"] = False
-    if args.no_expand:
-        settings["expand_window"] = False
-    if "LVSA_VAE_TEMPORAL_FACTOR" not in os.environ and "LVSA_CONFIG" not in os.environ:
-        settings["vae_temporal_factor"] = preset.vae_temporal_factor
-    cfg = Config.load(**settings)
-    if args.latent_frames is not None:
-        T = args.latent_frames
-    else:
-        T = latent_frames(args.num_frames or preset.default_num_frames, cfg.vae_temporal_factor)
-    if args.patches_per_frame:
-        P = args.patches_per_frame
-    else:
-        P = patches_per_frame(args.height or preset.default_height, args.width or preset.default_width,
-                              preset.vae_spatial_factor, preset.patch_size)
-    text = preset.text_tokens if args.text_tokens is None else args.text_tokens
-    return preset, cfg, T, P, text
-
-
-def cmd_plan(args) -> int:
-    from .engine import Engine
-
-    preset, cfg, T, P, text = _plan_inputs(args)
-    eng = Engine(family=preset.family, config=cfg, world_size=args.world_size)
-    sched = eng.schedule(T, P)
-    mask = sched.mask_for_step(args.step)
-    n_steps = args.steps if args.steps is not None else min(sched.key_frame_interval, 8) if sched.rotate else 1
-    rotation = [{"step": s, "offset": sched.offset_for_step(s),
-                 "globals": list(sched.mask_for_step(s).globals)} for s in range(n_steps)]
-    if args.json:
-        d = sched.to_dict()
-        d.update(model=preset.name, P=P, text_tokens=text, seq_len=T * P + text,
-                 reference_source=cfg.sources.get("reference_latent_frames", f"preset {preset.name}"),
-                 rotation=rotation)
-        print(json.dumps(d, indent=1))
-        return 0
-    s = mask.summary()
-    print(f"model={preset.name} T_lat={T} P={P} text={text} seq_len={T * P + text} "
-          f"W={sched.window} n={sched.n_first} scale={sched.scale:g}")
-    print(f"[LVSA] reference_latent_frames={sched.reference} target_latent_frames={T} "
-          f"extension_ratio={sched.extension_ratio:.2f}x")
-    print(f"[LVSA] {'computed' if sched.auto else 'fixed'} key_frame_interval={sched.key_frame_interval} (latent frames)")
-    print(f"[LVSA] kfi={sched.key_frame_interval} global_count={s.global_count} "
-          f"attended_per_frame={s.attended_max}/{T}")
-    mode = "DENSE (T_lat <= ref)" if sched.dense else "SPARSE"
-    print(f"sparsity={mask.sparsity():.3f} density={mask.density():.3f} "
-          f"attended per frame min/mean/max={s.attended_min}/{s.attended_mean:.1f}/{s.attended_max} -> {mode}")
-    if sched.boundary_frames:
-        print(f"context-parallel boundary frames (fixed globals): {list(sched.boundary_frames)}")
-    print("rotation:")
-    for r in rotation:
-        print(f"  step {r['step']}: offset {r['offset']} globals {r['globals']}")
-    if not args.no_picture:
-        print(f"mask at step {args.step} (offset {mask.offset}):")
-        print(mask.to_string())
-    return 0
-
-
-# ------------------------------------------------------------------ info
-def _add_info(sub):
-    p = sub.add_parser(
-        "info", help="version, devices, backends and why each can or cannot run, LVSA_* settings",
-        description=("Report the lvsa version, the devices found, every registered backend "
-                     "(distribution, version, availability and the reasons it cannot run a "
-                     "typical problem on this machine), plugins, and the active LVSA_* settings."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the typical problem the reasons are given for")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim of the typical problem")
-    p.add_argument("--presets", action="store_true", help="also list the model presets")
-    p.add_argument("--vars", action="store_true", help="also list every LVSA_* variable with its default")
-    p.set_defaults(func=cmd_info)
-
-
-def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
-    import platform
-
-    import torch
-
-    from . import devices, dispatch, plugins
-    from .api import current_config
-    from .backend import Problem
-
-    info = {"lvsa": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    devs = devices.all_devices()
-    info["devices"] = [d.describe() for d in devs]
-    npu = devices.npu_status()
-    info["npu"] = {"installed": npu.installed, "importable": npu.importable,
-                   "available": npu.available, "reason": npu.reason}
-    if torch.cuda.is_available():
-        info["nvidia"] = devices.nvidia_inventory()
-    from . import npu_smi
-    info["npu-smi"] = npu_smi.query_summary()
-    kind = devices.default_device_kind()
-    dev = next(d for d in devs if d.kind == kind)
-    problem = Problem(device_kind=kind, dtype=getattr(torch, dtype), batch=1, seq_len=81 * 1560,
-                      num_heads=12, num_kv_heads=12, head_dim=head_dim, text_len=0, T=81, P=1560,
-                      compute_capability=dev.compute_capability, device_index=dev.index)
-    info["problem"] = f"{kind} {dtype} B=1 T=81 P=1560 H=12 D={head_dim}"
-    reasons = dispatch.explain(problem)
-    bks = plugins.backends()
-    rows = []
-    for name, r in reasons.items():
-        bk = bks.get(name)
-        rows.append({"name": name, "distribution": getattr(bk, "distribution", None),
-                     "version": getattr(bk, "distribution_version", None),
-                     "available": not r, "reasons": r,
-                     "description": getattr(bk, "description", "")})
-    info["backends"] = rows
-    info["auto_order"] = dispatch.auto_order(kind)
-    try:
-        sel = dispatch.select_backend(problem)
-        info["auto_selects"] = sel.name
-        info["selection_source"] = sel.source
-    except Exception as e:  # noqa: BLE001 - shown to the user
-        info["auto_selects"] = None
-        info["selection_error"] = str(e)
-    info["plugins"] = [r.__dict__ for r in plugins.plugin_records()]
-    cfg = current_config()
-    info["settings"] = cfg.active_env()
-    return info
-
-
-def cmd_info(args) -> int:
-    info = gather_info(args.dtype, args.head_dim)
-    if args.json:
-        print(json.dumps(info, indent=1, default=str))
-        return 0
-    print(f"lvsa {info['lvsa']}  python {info['python']}  torch {info['torch']}")
-    print("devices: " + "; ".join(info["devices"]))
-    n = info["npu"]
-    print("ascend npu: " + ("available" if n["available"] else n["reason"]))
-    if info.get("npu-smi"):
-        print(f"npu-smi:\n  {info['npu-smi']}")
-    nv = info.get("nvidia")
-    if nv:
-        if nv.get("source"):
-            print(f"nvidia ({nv['source']}): driver {nv['driver']}; " + "; ".join(
-                f"{g['index']}: {g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB" for g in nv["gpus"]))
-        else:
-            print(f"nvidia: {nv['reason']}")
-    print(f"backends (for a typical problem: {info['problem']}):")
-    for b in info["backends"]:
-        src = f"{b['distribution']} {b['version']}" if b["distribution"] else "not installed"
-        state = "available" if b["available"] else "unavailable"
-        print(f"  {b['name']:<11} [{src}] {state}")
-        for r in b["reasons"]:
-            print(f"      - {r}")
-    print(f"auto order: {' > '.join(info['auto_order'])}; auto selects: {info['auto_selects']}")
-    if info.get("selection_error"):
-        print(f"  selection error: {info['selection_error']}")
-    print("plugins:")
-    for p in info["plugins"]:
-        err = f" ({p['error']})" if p.get("error") else ""
-        print(f"  {p['name']} from {p['distribution']} {p['version']}: {p['status']}{err}")
-    if not info["plugins"]:
-        print("  (none found in entry-point group 'lvsa')")
-    print("settings: " + (", ".join(f"{k}={v}" for k, v in info["settings"].items()) or "(no LVSA_* set)"))
-    if args.presets:
-        from .schedule import PRESETS
-        print("presets:")
-        for p in PRESETS.values():
-            print(f"  {p.name:<18} family={p.family:<9} ref={p.reference_latent_frames} "
-                  f"P={p.patches_per_frame()} ({p.default_height}x{p.default_width}) heads={p.num_heads} "
-                  f"D={p.head_dim} text={p.text_tokens}")
-    if args.vars:
-        from .config import env_table
-        print(env_table())
-    return 0
+#: subcommand modules under ``lvsa.commands``, in ``--help`` order
+COMMANDS = ("plan", "info", "generate")
 
 
 # ----------------------------------------------------------------- main
@@ -247,29 +24,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lvsa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_plan(sub)
-    _add_info(sub)
-    try:
-        from . import generate
-    except ImportError as e:  # diffusers extra not installed: say how to get it
-        for name in ("generate", "decode"):
-            p = sub.add_parser(name, help="(needs the diffusers extra: pip install 'lvsa[diffusers]')")
-            p.set_defaults(func=lambda a, _e=e: _missing_extra(_e))
-    else:
-        generate.add_generate_parser(sub)
-        generate.add_decode_parser(sub)
+    for name in COMMANDS:
+        _register(sub, name)
     return parser
 
 
-def _missing_extra(err) -> int:
-    print(f"lvsa: this command needs the diffusers extra ({err}); pip install 'lvsa[diffusers]'",
+_PLACEHOLDER_NAMES = {"generate": (("generate", "decode"), "diffusers")}
+
+
+def _register(sub, name: str) -> None:
+    try:
+        mod = importlib.import_module(f".commands.{name}", __package__)
+    except ImportError as e:  # an optional extra is missing: say how to get it
+        names, extra = _PLACEHOLDER_NAMES.get(name, ((name,), name))
+        for n in names:
+            p = sub.add_parser(n, help=f"(needs the {extra} extra: pip install 'lvsa[{extra}]')")
+            p.set_defaults(func=lambda a, _e=e, _x=extra: _missing_extra(_e, _x), _placeholder=True)
+        return
+    mod.register(sub)
+
+
+def _missing_extra(err, extra: str = "diffusers") -> int:
+    print(f"lvsa: this command needs the {extra} extra ({err}); pip install 'lvsa[{extra}]'",
           file=sys.stderr)
     return 2
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "_placeholder", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except ValueError as e:
