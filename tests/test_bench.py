@@ -306,3 +306,30 @@ def test_region_timer_counts_outermost_calls_once():
     with patched([(o, "f"), (o, "missing")], lambda fn: (lambda: fn() + 1)):
         assert o.f() == 2
     assert o.f() == 1 and "f" not in o.__dict__
+
+
+# ------------------------------------------------------------------ multi-GPU
+def _cp_missing():
+    from lvsa.bench.model import _cp_available
+    return _cp_available()
+
+
+@pytest.mark.skipif(_cp_missing() is not None, reason="needs lvsa's context parallelism (issue 11) on this branch")
+def test_world_size_two_on_gloo(tmp_path):
+    """`--world-size 2` re-launches under torchrun; on the CPU the ranks talk over gloo:
+    lvsa with context parallelism, diffusers' Ulysses as Wan's dense baseline, the 1-rank
+    times measured on rank 0, every rank's memory gathered."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "lvsa", "bench", "model", "--quick", "--world-size", "2",
+                        "--models", "tiny-wan:41@1", "--device", "cpu", "--out", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _, data = _results(tmp_path, "model")
+    (rec,) = data["records"]
+    assert data["meta"]["world_size"] == 2 and rec["world_size"] == 2
+    V = rec["variants"]
+    assert set(V) == {"diffusers", "dense", "reference"} and all(v.get("time_s") for v in V.values()), V
+    assert V["reference"]["lvsa"]["sparse_calls"] == rec["layers"] and V["reference"]["lvsa"]["fallbacks"] == 0
+    assert set(rec["single_gpu"]) == {"reference"} and V["reference"]["parallel_efficiency"] > 0
+    assert len(V["reference"]["per_rank_memory"]) == 2

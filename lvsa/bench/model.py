@@ -281,7 +281,13 @@ def installed(ctx: Context, variant: str, T: int, cp: Optional[str] = None, diff
         if diffusers_cp:
             from diffusers import ContextParallelConfig
 
-            tr.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ctx.world))
+            with contextlib.ExitStack() as stack:
+                if ctx.device.type == "cpu":
+                    # diffusers 0.42 places rank r on device r % torch.accelerator.device_count(),
+                    # which divides by zero without an accelerator: one CPU "device" per rank
+                    stack.enter_context(common.patched([(torch.accelerator, "device_count")],
+                                                       lambda fn: (lambda *a, **k: 1)))
+                tr.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ctx.world))
         try:
             yield None
         finally:
@@ -367,6 +373,12 @@ def run_variant(ctx: Context, variant: str, T: int, inputs, kernel_order, cp: Op
             res.update(samples_s=samples, attention_s=attn, time_s=common.median(samples),
                        attention_time_s=common.median(attn), **mem.as_dict())
             res["rest_time_s"] = res["time_s"] - res["attention_time_s"]
+            if ctx.world > 1:  # every rank's peak memory (rank 0 writes the results)
+                import torch.distributed as dist
+
+                per_rank = [None] * ctx.world
+                dist.all_gather_object(per_rank, mem.as_dict())
+                res["per_rank_memory"] = per_rank
             if res.get("comm"):
                 res["comm_share"] = res["comm"]["nccl_s"] / res["comm"]["forward_s"]
     except Exception as e:  # noqa: BLE001 - one failure is a result, the run goes on
@@ -506,7 +518,7 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
 
     def t(r):
         if r.get("error"):
-            return r["error"] if r["error"] == "OOM" else "error"
+            return r["error"] if r["error"] == "OOM" else "n/a" if r["error"].startswith("n/a") else "error"
         return common.fmt(r.get("time_s"), ".3f")
 
     for rec in records:
@@ -526,7 +538,9 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
                         f"| {common.fmt(r.get('comm_share'))} |")
             lines.append(row)
     errs = [(rec, n, r["error"]) for rec in records for n, r in rec["variants"].items()
-            if r.get("error") and r["error"] != "OOM"]
+            if r.get("error") and r["error"] != "OOM" and not r["error"].startswith("n/a")]
+    na = sorted({f"{rec['title']} {n}: {r['error'][5:]}" for rec in records for n, r in rec["variants"].items()
+                 if (r.get("error") or "").startswith("n/a")})
     ooms = [(rec, n) for rec in records for n, r in rec["variants"].items() if r.get("error") == "OOM"]
     if ooms:
         lines += ["", "Out of memory: " + "; ".join(f"{rec['title']} T{rec['T']} B{rec['batch']} {n}"
@@ -535,6 +549,8 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     if saved:
         lines += ["", "Dense ran out of memory where lvsa did not: " + "; ".join(
             f"{rec['title']} T{rec['T']} B{rec['batch']} ({n})" for rec, n in saved) + "."]
+    if na:
+        lines += ["", "Not available:"] + [f"- {x}" for x in na]
     if errs:
         lines += ["", "Errors:"] + [f"- {rec['title']} T{rec['T']} B{rec['batch']} {n}: {e}" for rec, n, e in errs]
     refused = {(rec["title"], n): "; ".join(w) for rec in records for n, w in rec.get("refused", {}).items()}
@@ -766,7 +782,8 @@ def _main(args, dist_info) -> int:
                     bar.update(1)
                 bar.update(max(0, n_variants - len(variants)))
                 if dist_info:
-                    rec["single_gpu"] = single.get((spec.name, T, b), {})
+                    rec["single_gpu"] = single.get((spec.name, T, b)) or _single_gpu_times(
+                        ctx, T, inputs, [v for v in run if rec["variants"].get(v, {}).get("time_s")], probe["order"])
                 summarize_row(rec)
                 d = rec["variants"].get("dense", {})
                 if d.get("time_s"):
@@ -794,6 +811,23 @@ def _new_record(spec: ModelSpec, T: int, b: int, dist_info) -> Dict[str, Any]:
            "world_size": dist_info.world_size if dist_info else 1, "variants": {}}
     rec.update(row_geometry(spec, T))
     return rec
+
+
+def _single_gpu_times(ctx: Context, T: int, inputs, variants: List[str], kernel_order) -> Dict[str, float]:
+    """Rank 0 times ``variants`` on its GPU alone (no context parallelism) while the other
+    ranks wait; every rank gets the times (the 1-GPU baseline of the speedup)."""
+    import torch.distributed as dist
+
+    times: Dict[str, float] = {}
+    if ctx.dist.rank == 0:
+        solo = Context(ctx.spec, ctx.tr, ctx.device, ctx.dtype, ctx.args, None)
+        for v in variants:
+            r = run_variant(solo, v, T, inputs, kernel_order)
+            if r.get("time_s"):
+                times[v] = r["time_s"]
+    box = [times]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _load_single_gpu(path: str) -> Dict[Tuple[str, int, int], Dict[str, float]]:
