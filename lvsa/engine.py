@@ -11,8 +11,9 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from . import telemetry
-from .config import Config, GeometryResult, detect_geometry
-from .ops import dense_attention
+from .config import Config, mask_log_wants
+from .geometry import GeometryResult, detect_geometry
+from .ops import dense_attention, validate_inputs
 from .schedule import plan_schedule
 
 
@@ -47,6 +48,8 @@ class Engine:
         self._gen: Dict[str, Any] = {}
         self._last_device = None
         self._step_t0: Optional[float] = None
+        for msg in config.deprecation_notices():
+            telemetry.emit("warning", message=msg)
         if config.window_size and not config.latent_window():
             telemetry.emit("warning", message=(
                 f"window_size={config.window_size} video frames is W=0 latent frames "
@@ -164,8 +167,6 @@ class Engine:
         ``origin`` names the call site in fallback lines (default ``forward_<device>``, e.g.
         ``forward_cuda``); the ``engaged`` line names the model family.
         """
-        from .ops import validate_inputs
-
         origin = origin or f"forward_{q.device.type}"
         self._calls_in_step += 1
         validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check)
@@ -189,7 +190,6 @@ class Engine:
                            auto=sched.auto, global_count=s.global_count, attended_max=s.attended_max,
                            attended_min=s.attended_min, sparsity=mask.sparsity())
         if self.config.mask_log is not None:
-            from .config import mask_log_wants
             if self.step not in g["mask_logged"] and mask_log_wants(
                     self.config.mask_log, self.step, bool(g["mask_logged"])):
                 g["mask_logged"].add(self.step)
