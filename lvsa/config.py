@@ -171,7 +171,8 @@ class Config:
     window_size: int = _f(12, _p_int(0), "LVSA_WINDOW_SIZE", "window half-width, video frames")
     n_first_frames: int = _f(4, _p_int(0), "LVSA_N_FIRST_FRAMES", "leading global frames, video frames")
     key_frame_interval: int = _f(16, _p_int(1), "LVSA_KEY_FRAME_INTERVAL",
-                                 "fixed keyframe interval (latent) when auto is off")
+                                 "fixed keyframe interval when auto is off, video frames "
+                                 "(// vae_temporal_factor: 16 = 4 latent)")
     auto_keyframes: bool = _f(True, _p_bool, "LVSA_AUTO_KEYFRAMES", "compute kfi from the reference horizon")
     rotate_keyframes: bool = _f(True, _p_bool, "LVSA_ROTATE_KEYFRAMES", "shift the keyframe grid each step")
     expand_window: bool = _f(True, _p_bool, "LVSA_EXPAND_WINDOW", "expanded windows")
@@ -245,9 +246,20 @@ class Config:
             sources[key] = "argument"
         cfg = cls(**values)
         object.__setattr__(cfg, "_sources", sources)
+        cfg._check_video_frames()
         for msg in cfg.deprecation_notices():
             warnings.warn(msg, DeprecationWarning, stacklevel=2)
         return cfg
+
+    def _check_video_frames(self):
+        """A keyframe interval the user set in video frames must be a latent frame at least."""
+        if self.is_set("key_frame_interval") and self.latent_key_frame_interval(clamp=False) < 1:
+            t = self.vae_temporal_factor
+            src = self.sources["key_frame_interval"]
+            var = "LVSA_KEY_FRAME_INTERVAL" if src.startswith("LVSA_") else src
+            raise ValueError(
+                f"{var}={self.key_frame_interval} is in video frames: // vae_temporal_factor {t} "
+                f"gives 0 latent frames; use a multiple of {t} (16 video frames = {16 // t} latent)")
 
     def deprecation_notices(self) -> List[str]:
         """One message per deprecated setting in use (the engine prints them as
@@ -268,6 +280,7 @@ class Config:
             parsed[k] = v if v is None else by_name[k].metadata["parse"](k, v)
         new = dataclasses.replace(self, **parsed)
         object.__setattr__(new, "_sources", {**self.sources, **{k: "argument" for k in kwargs}})
+        new._check_video_frames()
         return new
 
     @property
@@ -284,6 +297,12 @@ class Config:
 
     def latent_first_frames(self) -> int:
         return video_to_latent(self.n_first_frames, self.vae_temporal_factor)
+
+    def latent_key_frame_interval(self, clamp: bool = True) -> int:
+        """``key_frame_interval`` (video frames) in latent frames, like the window and the
+        first frames: ``// vae_temporal_factor`` (16 → 4), at least 1."""
+        k = video_to_latent(self.key_frame_interval, self.vae_temporal_factor)
+        return max(1, k) if clamp else k
 
     def reference_for(self, family: Optional[str] = None) -> int:
         if self.reference_latent_frames is not None:

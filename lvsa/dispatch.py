@@ -165,10 +165,11 @@ def plan_for(backend, mask: BlockMask, problem: Problem):
 
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
                   backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
-                  validated: bool = False):
+                  validated: bool = False, record: Optional[telemetry.Counts] = None):
     """Validate, select, plan (cached) and run; the single fallback decision point.
 
-    Returns ``(out, backend_name, fell_back)``.
+    ``record``: the generation's :class:`~lvsa.telemetry.Counts` (the engine's), counted
+    together with the session. Returns ``(out, backend_name, fell_back)``.
     """
     from .ops import validate_inputs
 
@@ -180,7 +181,7 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
     try:
         handle = plan_for(sel.backend, mask, problem)
         out = sel.backend.run(handle, q, k, v, text_k, text_v, scale)
-        telemetry.count_call("sparse", sel.name)
+        telemetry.count_call("sparse", sel.name, record)
         return out, sel.name, False
     except Exception as e:  # noqa: BLE001 - decided below, never swallowed silently
         if not sel.auto or config.strict or sel.name == "reference":
@@ -190,12 +191,13 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         # instead of paying for the same failure on every layer and step
         _runtime_failures[(problem, sel.name)] = msg
         _selection_cache.clear()
-        telemetry.emit("fallback", origin=origin, reason="backend_error",
-                       seq_len=q.shape[1] + (0 if text_k is None else text_k.shape[1]),
-                       backend=sel.name, error=repr(msg), to="reference", warn=config.warn_fallback)
+        telemetry.fallback(origin, "backend_error",
+                           q.shape[1] + (0 if text_k is None else text_k.shape[1]), record,
+                           warn=config.warn_fallback, backend=sel.name, error=repr(msg),
+                           to="reference")
         ref = plugins.get_backend("reference")
         out = ref.run(plan_for(ref, mask, problem), q, k, v, text_k, text_v, scale)
-        telemetry.count_call("sparse", "reference")
+        telemetry.count_call("sparse", "reference", record)
         return out, "reference", True
 
 

@@ -69,6 +69,7 @@ class BlockMask:
     reference_frames: Optional[int] = None
     _counts: Tuple[int, ...] = field(init=False, repr=False, compare=False)
     _hash: int = field(init=False, repr=False, compare=False)
+    _dense: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         T = self.num_frames
@@ -100,6 +101,7 @@ class BlockMask:
             G = len(g)
             counts = tuple(G + (hi - lo + 1) - (pre[hi + 1] - pre[lo]) for lo, hi in self.windows)
         object.__setattr__(self, "_counts", counts)
+        object.__setattr__(self, "_dense", all(c == T for c in counts))
         object.__setattr__(self, "_hash", hash((T, g, self.windows)))
 
     # ------------------------------------------------------------------ views
@@ -145,8 +147,7 @@ class BlockMask:
     @property
     def is_dense(self) -> bool:
         """Every query frame attends to every frame (dense by design)."""
-        T = self.num_frames
-        return all(c == T for c in self._counts)
+        return self._dense
 
     def nnz(self) -> int:
         """Number of attended (query frame, key frame) blocks."""

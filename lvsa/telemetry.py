@@ -22,8 +22,13 @@ from .events import Event  # noqa: F401 (re-export)
 from .sink import DefaultSink  # noqa: F401 (re-export)
 
 
-class SessionSummary:
-    """Process-wide counters (thread-safe)."""
+class Counts:
+    """Attention calls by mode and backend, and fallbacks by reason (thread-safe).
+
+    :data:`SESSION` is the process's record; each :class:`~lvsa.engine.Engine` keeps one
+    per generation. Both are fed by the same two functions, :func:`count_call` and
+    :func:`fallback`, so a call or a fallback is counted once, in one place.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -38,18 +43,18 @@ class SessionSummary:
             self.backend_calls: Counter = Counter()
             self.generation = 0
 
-    def count(self, event: Event):
+    def add_call(self, mode: str, backend: str = "") -> None:
         with self._lock:
-            if event.kind == "call":
-                mode = event.fields.get("mode")
-                if mode == "sparse":
-                    self.sparse_calls += 1
-                    self.backend_calls[event.fields.get("backend", "?")] += 1
-                elif mode == "dense":
-                    self.dense_by_design_calls += 1
-            elif event.kind == "fallback":
-                self.fallback_calls += 1
-                self.fallbacks_by_reason[event.fields.get("reason", "?")] += 1
+            if mode == "sparse":
+                self.sparse_calls += 1
+                self.backend_calls[backend or "?"] += 1
+            elif mode == "dense":
+                self.dense_by_design_calls += 1
+
+    def add_fallback(self, reason: str) -> None:
+        with self._lock:
+            self.fallback_calls += 1
+            self.fallbacks_by_reason[reason or "?"] += 1
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -70,24 +75,40 @@ class SessionSummary:
         return s
 
 
-SESSION = SessionSummary()
+#: the old name of :class:`Counts`
+SessionSummary = Counts
+
+SESSION = Counts()
 
 
 def emit(kind: str, **fields) -> Event:
-    """Deliver an event to every ``lvsa_event`` hook implementation."""
+    """Deliver an event to every ``lvsa_event`` hook implementation (counts nothing:
+    calls and fallbacks are counted by :func:`count_call` and :func:`fallback`)."""
     ev = Event(kind, fields)
-    SESSION.count(ev)
     plugins.deliver(ev)
     return ev
 
 
-def count_call(mode: str, backend: str = "") -> None:
-    """Count one attention call (``sparse`` or ``dense``) in the session summary.
+def count_call(mode: str, backend: str = "", record: Optional[Counts] = None) -> None:
+    """Count one attention call (``sparse`` or ``dense``) in the session and, when given,
+    in ``record`` (a generation's :class:`Counts`).
 
     Per-call counting stays off the plugin hook: it is on the hot path (every layer,
     every step). Sinks see the per-generation ``engaged`` event and the summary instead.
     """
-    SESSION.count(Event("call", {"mode": mode, "backend": backend}))
+    SESSION.add_call(mode, backend)
+    if record is not None:
+        record.add_call(mode, backend)
+
+
+def fallback(origin: str, reason: str, seq_len: int, record: Optional[Counts] = None,
+             warn: bool = True, **detail) -> Event:
+    """The one fallback path: count a non-sparse call (session and ``record``) and emit its
+    ``fallback`` event (the sink prints one line per ``(origin, reason, seq_len)``)."""
+    SESSION.add_fallback(reason)
+    if record is not None:
+        record.add_fallback(reason)
+    return emit("fallback", origin=origin, reason=reason, seq_len=seq_len, **detail, warn=warn)
 
 
 def new_generation():
