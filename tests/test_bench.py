@@ -157,6 +157,21 @@ def test_full_size_specs_are_the_public_configs():
     assert (cog.heads, cog.head_dim, cog.layers, cog.tokens_per_frame, cog.text["len"]) == (48, 64, 42, 1350, 226)
 
 
+def test_full_size_specs_build_the_released_model_sizes():
+    """Each embedded config builds the real diffusers class (on the meta device: no memory)
+    with the released parameter count."""
+    import diffusers
+
+    from lvsa.bench.specs import SPECS
+
+    expect = {"wan2.1-1.3b": 1.42e9, "wan2.1-14b": 14.29e9, "hunyuanvideo-1.5": 8.33e9, "cogvideox-5b": 5.57e9}
+    for name, n in expect.items():
+        spec = SPECS[name]
+        with torch.device("meta"):
+            tr = getattr(diffusers, spec.class_name).from_config(dict(spec.config))
+        assert sum(p.numel() for p in tr.parameters()) == pytest.approx(n, rel=0.01), name
+
+
 def test_world_size_without_context_parallelism_is_a_clear_error(monkeypatch, capsys):
     from lvsa.bench import model as bm
 

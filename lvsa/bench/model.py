@@ -723,6 +723,14 @@ def _main(args, dist_info) -> int:
     meta["skipped"] = []
     try:
         for spec, wdir, rows in planned:
+            if args.budget_s and all(_row_estimate(spec, T, b, args, calib[0]) > args.budget_s
+                                     - (time.perf_counter() - t_start) for T, b in rows):
+                left = max(args.budget_s - (time.perf_counter() - t_start), 0)
+                for T, b in rows:  # not even the cheapest row fits: do not build the model
+                    meta["skipped"].append(f"{spec.name} T{T} B{b} (estimated "
+                                           f"{_row_estimate(spec, T, b, args, calib[0]):.0f}s, {left:.0f}s left)")
+                bar.update(n_variants * len(rows))
+                continue
             tr = None
             try:
                 tr = build_transformer(spec, device, dtype, wdir)
@@ -741,9 +749,7 @@ def _main(args, dist_info) -> int:
                 key = f"{spec.name} T{T} B{b}"
                 est = estimate_forward_s(spec, T, b) * calib[0]
                 budget_left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else None
-                # diffusers + dense at dense cost (HunyuanVideo's masked path ~3x), lvsa ~half each
-                row_est = est * ((4 if spec.family == "hunyuan" else 2) + 0.5 * len(args.backends or [1, 1])) \
-                    * max(1, args.min_repeats)
+                row_est = _row_estimate(spec, T, b, args, calib[0])
                 if budget_left is not None and row_est > budget_left:
                     meta["skipped"].append(f"{key} (estimated {row_est:.0f}s, {max(budget_left, 0):.0f}s left)")
                     bar.update(n_variants)
@@ -802,6 +808,14 @@ def _main(args, dist_info) -> int:
             meta["device_after"] = common.device_state(device)
             common.finish(base, meta, records, markdown, plot, old, compare_entries)
     return 0
+
+
+def _row_estimate(spec: ModelSpec, T: int, b: int, args, calib: float) -> float:
+    """Seconds a row should take: diffusers and dense at the dense cost (HunyuanVideo's
+    masked diffusers path ~3x), each lvsa backend ~half of it."""
+    est = estimate_forward_s(spec, T, b) * calib
+    return est * ((4 if spec.family == "hunyuan" else 2) + 0.5 * len(args.backends or [1, 1])) \
+        * max(1, args.min_repeats)
 
 
 def _new_record(spec: ModelSpec, T: int, b: int, dist_info) -> Dict[str, Any]:
