@@ -23,18 +23,8 @@
 # skipped); `timeout` stops it (results are written after every row) before the device's
 # 10-minute limit.
 set -uo pipefail
-start=$(date +%s)
 tag=${1:-h200}
-out=${OUT:-benchmarks/results}
-mkdir -p "$out" /tmp/site
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=/tmp/ficache HF_HUB_OFFLINE=1
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
-ls .whl/*.whl >/dev/null 2>&1 || { echo "no .whl/*.whl: carry .whl with the diffusers wheel" >&2; exit 2; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-if [ -f .whl/fisite.tar.xz ]; then tar -xJf .whl/fisite.tar.xz -C /tmp/site || exit 1; fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda || exit 1
-echo "[run] setup done after $(( $(date +%s) - start ))s" | tee "$out/bench-$tag.log"
-nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,power.draw --format=csv >>"$out/bench-$tag.log" 2>&1
+source benchmarks/device_setup.sh
 
 # FlashInfer's JIT builds (bf16, head_dim 128 for Wan/HunyuanVideo, 64 for CogVideoX), in the background
 MAX_JOBS=12 timeout 480 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 64 >"$out/prewarm-$tag.log" 2>&1 &

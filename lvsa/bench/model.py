@@ -362,30 +362,51 @@ def run_variant(ctx: Context, variant: str, T: int, inputs, kernel_order, cp: Op
                         res["attention_calls"] = timer.calls
                         res["output_finite"] = bool(torch.isfinite(out).all())
                     del out
-                    if len(samples) >= args.min_repeats and time.perf_counter() - t_start >= args.max_time:
+                    stop = len(samples) >= args.min_repeats and time.perf_counter() - t_start >= args.max_time
+                    if _agree(ctx, stop):  # every rank must run the same forwards (collectives)
                         break
                 if engine is not None:
                     s = engine.end_generation()
                     res["lvsa"] = {k: s[k] for k in ("backend", "sparse_calls", "dense_calls", "fallbacks",
                                                      "fallbacks_by_reason")}
-                if ctx.world > 1 and ctx.device.type == "cuda" and args.profile_comm:
+                if ctx.world > 1 and ctx.device.type == "cuda" and args.profile_comm and variant not in BASELINES:
                     res["comm"] = _profile_comm(ctx, inputs, engine)
             res.update(samples_s=samples, attention_s=attn, time_s=common.median(samples),
                        attention_time_s=common.median(attn), **mem.as_dict())
             res["rest_time_s"] = res["time_s"] - res["attention_time_s"]
-            if ctx.world > 1:  # every rank's peak memory (rank 0 writes the results)
-                import torch.distributed as dist
-
-                per_rank = [None] * ctx.world
-                dist.all_gather_object(per_rank, mem.as_dict())
-                res["per_rank_memory"] = per_rank
             if res.get("comm"):
                 res["comm_share"] = res["comm"]["nccl_s"] / res["comm"]["forward_s"]
     except Exception as e:  # noqa: BLE001 - one failure is a result, the run goes on
         res["error"] = "OOM" if common.is_oom(e) else f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     finally:
         common.free_memory(ctx.device)
+    if ctx.world > 1:
+        # every rank's peak memory and outcome (rank 0 writes the results); a failure on
+        # any rank fails the variant everywhere, so the ranks stay in step
+        import torch.distributed as dist
+
+        per_rank = [None] * ctx.world
+        dist.all_gather_object(per_rank, {"error": res.get("error"),
+                                          **({k: res.get(k) for k in ("peak_alloc_gib", "peak_reserved_gib",
+                                                                      "nvml_peak_used_gib")})})
+        res["per_rank_memory"] = per_rank
+        bad = [(r, x["error"]) for r, x in enumerate(per_rank) if x["error"]]
+        if bad and not res.get("error"):
+            res["error"] = f"rank {bad[0][0]}: {bad[0][1]}"
     return res
+
+
+def _agree(ctx, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (one process: ``flag``); ``ctx`` is a
+    :class:`Context` or the distributed info (``None``: one process)."""
+    world = getattr(ctx, "world", None) or getattr(ctx, "world_size", 1) if ctx is not None else 1
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def _barrier(ctx: Context):
@@ -660,7 +681,7 @@ def plan_rows(args) -> List[Tuple[ModelSpec, Optional[str], List[Tuple[int, int]
             if args.height or args.width:
                 s = replace(s, height=args.height or s.height, width=args.width or s.width)
             entries.append((s, None, fr, bs))
-    out = []
+    out: List[Tuple[ModelSpec, Optional[str], List[Tuple[int, int]]]] = []
     for spec, wdir, fr, bs in entries:
         frames = fr or args.frames or list(spec.frames)
         batches = bs or args.batches or list(spec.batches)
@@ -671,7 +692,11 @@ def plan_rows(args) -> List[Tuple[ModelSpec, Optional[str], List[Tuple[int, int]
         if P < 1:
             raise ValueError(f"{spec.name}: {spec.height}x{spec.width} gives no whole patch "
                              f"(VAE x{spec.vae_spatial}, patch {spec.patch[1:]})")
-        out.append((spec, wdir, [(T, b) for T in frames for b in batches]))
+        rows = [(T, b) for T in frames for b in batches]
+        if out and out[-1][0] == spec and out[-1][1] == wdir:  # the same model again: build it once
+            out[-1][2].extend(r for r in rows if r not in out[-1][2])
+        else:
+            out.append((spec, wdir, rows))
     return out
 
 
@@ -719,16 +744,17 @@ def _main(args, dist_info) -> int:
     bar = common.Progress(len(plan) * n_variants, "bench model", enabled=rank0 and not args.no_progress)
     records: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
-    calib = [1.0]  # measured / estimated forward time, refined as rows finish
+    world = dist_info.world_size if dist_info else 1
+    calib = [1.0 / world]  # measured / estimated forward time, refined as rows finish
     meta["skipped"] = []
     try:
         for spec, wdir, rows in planned:
-            if args.budget_s and all(_row_estimate(spec, T, b, args, calib[0]) > args.budget_s
-                                     - (time.perf_counter() - t_start) for T, b in rows):
+            if args.budget_s and _agree(dist_info, all(_row_estimate(spec, T, b, args, calib[0], world) > args.budget_s
+                                                       - (time.perf_counter() - t_start) for T, b in rows)):
                 left = max(args.budget_s - (time.perf_counter() - t_start), 0)
                 for T, b in rows:  # not even the cheapest row fits: do not build the model
                     meta["skipped"].append(f"{spec.name} T{T} B{b} (estimated "
-                                           f"{_row_estimate(spec, T, b, args, calib[0]):.0f}s, {left:.0f}s left)")
+                                           f"{_row_estimate(spec, T, b, args, calib[0], world):.0f}s, {left:.0f}s left)")
                 bar.update(n_variants * len(rows))
                 continue
             tr = None
@@ -749,8 +775,8 @@ def _main(args, dist_info) -> int:
                 key = f"{spec.name} T{T} B{b}"
                 est = estimate_forward_s(spec, T, b) * calib[0]
                 budget_left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else None
-                row_est = _row_estimate(spec, T, b, args, calib[0])
-                if budget_left is not None and row_est > budget_left:
+                row_est = _row_estimate(spec, T, b, args, calib[0], world)
+                if budget_left is not None and _agree(dist_info, row_est > budget_left):
                     meta["skipped"].append(f"{key} (estimated {row_est:.0f}s, {max(budget_left, 0):.0f}s left)")
                     bar.update(n_variants)
                     continue
@@ -810,12 +836,14 @@ def _main(args, dist_info) -> int:
     return 0
 
 
-def _row_estimate(spec: ModelSpec, T: int, b: int, args, calib: float) -> float:
+def _row_estimate(spec: ModelSpec, T: int, b: int, args, calib: float, world: int = 1) -> float:
     """Seconds a row should take: diffusers and dense at the dense cost (HunyuanVideo's
-    masked diffusers path ~3x), each lvsa backend ~half of it."""
-    est = estimate_forward_s(spec, T, b) * calib
-    return est * ((4 if spec.family == "hunyuan" else 2) + 0.5 * len(args.backends or [1, 1])) \
-        * max(1, args.min_repeats)
+    masked diffusers path ~3x), each lvsa backend ~half of it; on ``world`` GPUs each lvsa
+    backend also runs once profiled and once on one GPU."""
+    est = estimate_forward_s(spec, T, b) * calib  # calib: measured dense / estimate, on `world` GPUs
+    nb = len(args.backends or [1, 1])
+    per_backend = 0.5 if world == 1 else 1.0 + 0.5 * world
+    return est * ((4 if spec.family == "hunyuan" else 2) + per_backend * nb) * max(1, args.min_repeats)
 
 
 def _new_record(spec: ModelSpec, T: int, b: int, dist_info) -> Dict[str, Any]:

@@ -89,7 +89,7 @@ def _add_model(bs):
                    help="lvsa's context-parallel mode")
     d.add_argument("--single-gpu-results", metavar="JSON", help="1-GPU results to compute speedup and efficiency")
     d.add_argument("--no-profile-comm", dest="profile_comm", action="store_false",
-                   help="skip the profiled forward that measures the NCCL share")
+                   help="skip the profiled forward (lvsa rows) that measures the NCCL share")
     p.set_defaults(func=_run("model", p))
 
 
