@@ -54,7 +54,7 @@ def test_quick_model_rows_are_measured_and_split(quick_model):
         assert set(V) == {"diffusers", "dense", "reference"}, rec["refused"]
         for name, r in V.items():
             assert "error" not in r, (rec["model"], name, r)
-            assert len(r["samples_s"]) == 1 and r["time_s"] > 0
+            assert len(r["samples_s"]) == 2 and r["time_s"] > 0
             assert 0 < r["attention_time_s"] <= r["time_s"]
             # self-attention only (cross-attention and the text refiner are "the rest"): one call
             # per layer, two through lvsa's joint-text processors (video queries, text queries)
