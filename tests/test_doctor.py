@@ -29,6 +29,7 @@ OWN = {
     "decode-oom-cogvideox": (["decode-oom"], []),
     "container-export-wan": (["export-host-path"], []),
     "no-lvsa-wan": ([], ["dense-baseline"]),
+    "silenced-fallbacks-wan": (["fallbacks-silenced"], []),
 }
 # hand-written, published format -> problems, notes
 HAND = {
@@ -138,6 +139,9 @@ def test_fit_units_text_and_shards():
     # CogVideoX joins 226 text tokens: 13 frames of 480x720 (P=1350)
     f = fit.fits(13 * 1350 + 226, [1560], "cogvideox")[0]
     assert (f.T, f.P, f.text) == (13, 1350, 226)
+    # HunyuanVideo 1.5 at 720x1280 (VAE 16, patch 1) with 180 valid prompt tokens
+    f = fit.fits(33 * 3600 + 180, [1560], "hunyuan")[0]
+    assert (f.T, f.P, f.text, f.height, f.width) == (33, 3600, 180, 720, 1280)
     # a quarter of 41 x 1560 (Ulysses 4)
     f = fit.fits(41 * 1560 // 4, [1560], "wan")[0]
     assert (f.shard, f.T, f.P) == (4, 41, 1560)

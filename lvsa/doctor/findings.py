@@ -12,6 +12,7 @@ not wrong: a dense run at the reference horizon, warm-up fallbacks, quality trad
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -63,6 +64,7 @@ class Context:
     generation_fallbacks: List[LogRecord] = field(default_factory=list)
     warmup_fallbacks: List[LogRecord] = field(default_factory=list)
     claimed: Set[int] = field(default_factory=set)   # id() of records a rule explained
+    silenced: bool = False                            # fallbacks counted but not printed
 
     def claim(self, *records: LogRecord) -> None:
         self.claimed.update(id(r) for r in records)
@@ -125,6 +127,34 @@ def _vllm_fix(ctx: Context) -> List[str]:
     return fix
 
 
+class SilencedFallbacks(Rule):
+    """``lvsa generate``'s summary counts fallbacks that printed no line (``LVSA_WARN_FALLBACK=0``)."""
+
+    id = "fallbacks-silenced"
+    guide = "Symptom 1 (silent fallback)"
+
+    def check(self, log, ctx):
+        if log.of("fallback"):
+            return []
+        for r in log.of("generate_summary"):
+            m = re.search(r"fallbacks=(\d+)(?: \(([^)]*)\))?", r.get("value", "")) if r.get("key") == "lvsa" else None
+            if not (m and int(m.group(1)) > 0):
+                continue
+            ctx.silenced = True
+            reasons = m.group(2) or "reason not shown"
+            fix = ["unset LVSA_WARN_FALLBACK   # run again: the [LVSA-FALLBACK] lines name seq_len and the reason",
+                   "lvsa doctor run.log       # then this doctor can compute the fix"]
+            P = [p for _, p in _P_seen(log)]
+            if "geometry_detect" in reasons and P:
+                fix.insert(0, f"export LVSA_PATCHES_PER_FRAME={P[0]}   # the P this pipeline reported")
+            return [self.finding(
+                "problem", f"lvsa fell back {m.group(1)} times ({reasons}) but printed no fallback line",
+                ev(log.env().get("LVSA_WARN_FALLBACK"), r),
+                "fallback lines were silenced (LVSA_WARN_FALLBACK=0), so the log does not show which sequence "
+                "lengths failed; lvsa's summary shows those calls ran dense instead of sparse.", fix)]
+        return []
+
+
 class NoLvsaLines(Rule):
     """No ``[LVSA]`` line at all: lvsa was not in the attention path (or nothing reached it)."""
 
@@ -143,6 +173,8 @@ class NoLvsaLines(Rule):
                      "python -c \"import lvsa; lvsa.enable(pipe)\"   # in your script, before pipe(...)",
                      "lvsa generate --model DIR ...                  # or the CLI (no --no-lvsa)"],
                     id="lvsa-not-engaged")]
+            return []
+        if ctx.silenced:
             return []
         summary_off = next((r for r in log.of("generate_summary") if "--no-lvsa" in r.text), None)
         flag_off = next((r for r in log.of("cli_flag") if r.get("flag") == "no-lvsa"), None)
@@ -739,7 +771,7 @@ class SlowBackend(Rule):
 
 
 #: every rule, in the order they claim evidence
-RULES: Tuple[Rule, ...] = (NoLvsaLines(), WarmupFallbacks(), WanHookMissing(), GeometryDetect(), NoTLat(),
+RULES: Tuple[Rule, ...] = (SilencedFallbacks(), NoLvsaLines(), WarmupFallbacks(), WanHookMissing(), GeometryDetect(), NoTLat(),
                            OtherFallbacks(), DenseByDesign(), DecodeOOM(), ExportHostPath(), ReferenceMismatch(),
                            DeprecatedSchedule(), SlowBackend(), MotionQuality())
 

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+from ..schedule import ALIASES
+
 __all__ = ["LogRecord", "ParsedLog", "UnreadableInput", "parse_log", "parse_fields", "read_input"]
 
 
@@ -156,10 +158,9 @@ class ParsedLog:
         """The model family of the run: engaged lines first, then the most specific mention."""
         for r in self.of("engaged"):
             fam = r.get("family")
-            if fam in ("wan", "hunyuan", "cogvideox"):
+            if fam in ALIASES:
                 preset = next((p for f, p, _ in self.families() if f == fam), None)
-                from ..schedule import ALIASES
-                return fam, preset or ALIASES[fam if fam != "cogvideox" else "cogvideox"], r
+                return fam, preset or ALIASES[fam], r
         fams = self.families()
         if not fams:
             return None

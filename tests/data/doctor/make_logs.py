@@ -58,6 +58,9 @@ SCENARIOS: Dict[str, Tuple[List[str], Dict[str, str], Optional[str]]] = {
     # an absolute output path inside a container
     "container-export-wan": (["--model", "tiny-wan", "--steps", "2", "--output", "ABS/out/fox.mp4"], {},
                              "container"),
+    # every call falls back, with the fallback lines silenced: only the summary tells
+    "silenced-fallbacks-wan": (["--model", "tiny-wan", "--steps", "1", "--output-latent", "outputs/sil.pt"],
+                               {"LVSA_PATCHES_PER_FRAME": "1560", "LVSA_WARN_FALLBACK": "0"}, None),
     # the dense baseline: lvsa off on purpose
     "no-lvsa-wan": (["--model", "tiny-wan", "--steps", "2", "--no-lvsa", "--output-latent", "outputs/base.pt"],
                     {}, None),
