@@ -50,6 +50,8 @@ HAND = {
     "quality-metrics": ([], ["motion-quality"]),
     "backend-error": (["fallback-backend-error"], []),
     "slow-backend": (["slow-backend"], []),
+    # the troubleshooting guide's own lines, "seq_len=…" included
+    "guide-lines": (["geometry-detect", "no-t-lat", "reference-mismatch"], []),
 }
 
 
@@ -323,3 +325,16 @@ def test_env_cli_clean(monkeypatch):
     monkeypatch.setenv("LVSA_WINDOW_SIZE", "twelve")
     rc, out, _ = _doctor("--env")
     assert rc == 1 and "<env-invalid>" in out and "LVSA_WINDOW_SIZE" in out
+
+
+def test_a_failing_rule_does_not_hide_the_others(monkeypatch):
+    from lvsa.doctor import findings
+
+    def boom(self, log, ctx):
+        raise RuntimeError("rule bug")
+
+    monkeypatch.setattr(findings.MotionQuality, "check", boom)
+    d = _diag("no-t-lat-wan")
+    assert [f.id for f in d.problems] == ["no-t-lat"]
+    err = next(f for f in d.findings if f.id == "doctor-rule-error")
+    assert "motion-quality" in err.symptom and "rule bug" in err.cause

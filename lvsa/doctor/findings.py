@@ -276,7 +276,8 @@ class WanHookMissing(Rule):
         notes = []
         for r in fbs:
             known = _known_ppf(r) or [1560]
-            whole = [P for P in known if r.get("seq_len") % P == 0]
+            n = r.get("seq_len")
+            whole = [P for P in known if isinstance(n, int) and n > 0 and n % P == 0]
             fits = fit.fits(r.get("seq_len"), known, "wan", limit=1)
             if whole:
                 notes.append(f"seq_len={r.get('seq_len')} is {r.get('seq_len') // whole[0]} whole frames of "
@@ -812,6 +813,12 @@ def diagnose(log: ParsedLog) -> Diagnosis:
     ctx = build_context(log)
     findings: List[Finding] = []
     for rule in RULES:
-        findings.extend(rule.check(log, ctx))
+        try:
+            findings.extend(rule.check(log, ctx))
+        except Exception as e:  # noqa: BLE001 - one rule's bug must not hide the other findings
+            findings.append(Finding(
+                "doctor-rule-error", "note", f"the doctor's rule {rule.id!r} failed on this log", [],
+                f"{type(e).__name__}: {e}. The other rules ran; please report this with the log.",
+                ["lvsa doctor LOG --json > doctor.json   # attach it and the log to the report"]))
     findings.sort(key=lambda f: f.severity != "problem")  # problems first, stable otherwise
     return Diagnosis(log.source, findings, _facts(log, ctx))

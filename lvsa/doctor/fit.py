@@ -110,6 +110,8 @@ def fits(seq_len: int, known_ppf: Sequence[int] = (), family: Optional[str] = No
     the configured ``known_ppf`` on a sharded sequence (the ``P`` was right, the sequence
     was split), then the presets' VAE/patch factors at common resolutions.
     """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        return []  # a line with an elided or garbled seq_len: nothing to compute
     texts = text_candidates(family, texts_seen)
     out: List[Fit] = []
 
@@ -143,8 +145,11 @@ def fits(seq_len: int, known_ppf: Sequence[int] = (), family: Optional[str] = No
                 break
     if sharded_possible:
         for P in known_ppf:
-            for k in SHARD_DEGREES:
+            for k in SHARD_DEGREES:  # the smallest degree that fits (a larger one then fits trivially)
+                n = len(out)
                 whole(P, shard=k, source=f"known_ppf {P}, sequence split {k} ways")
+                if len(out) > n:
+                    break
     for h, w in COMMON_RESOLUTIONS:
         for vs, ps in _units(family):
             u = vs * ps
@@ -160,7 +165,9 @@ def fits(seq_len: int, known_ppf: Sequence[int] = (), family: Optional[str] = No
 def divisor_grids(seq_len: int, limit: int = 3) -> List[Tuple[int, int]]:
     """``(T, P)`` splits of a video-only ``seq_len`` whose ``P`` is a near-rectangular grid, for
     when no common resolution fits (the user must check them against their resolution)."""
-    out = []
+    out: List[Tuple[int, int]] = []
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        return out
     for T in range(2, min(seq_len, MAX_LATENT_FRAMES) + 1):
         if seq_len % T:
             continue
