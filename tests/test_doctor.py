@@ -50,6 +50,8 @@ HAND = {
     "quality-metrics": ([], ["motion-quality"]),
     "backend-error": (["fallback-backend-error"], []),
     "slow-backend": (["slow-backend"], []),
+    # lvsa on the H200: tiny model in float32 (fast kernels refuse it), latent to /tmp in a container
+    "h200-tiny-wan-float32": (["export-host-path", "slow-backend"], []),
     # the troubleshooting guide's own lines, "seq_len=…" included
     "guide-lines": (["geometry-detect", "no-t-lat", "reference-mismatch"], []),
 }
@@ -149,6 +151,14 @@ def test_fit_units_text_and_shards():
     assert (f.shard, f.T, f.P) == (4, 41, 1560)
     # nothing common fits a prime: no invented answer
     assert fit.fits(100003, [1560], "wan") == []
+
+
+def test_backend_refusals_get_their_own_fix():
+    d = _diag("h200-tiny-wan-float32")
+    fx = _fix(d, "slow-backend")
+    assert "--dtype bfloat16" in fx and "head size" in fx and "pip install" not in fx
+    assert "--output-latent outputs/tiny.pt" in _fix(d, "export-host-path")
+    assert "pip install 'lvsa-cuda[flashinfer]'" in _fix(_diag("slow-backend"), "slow-backend")
 
 
 def test_warmup_separated_by_sequence_length():

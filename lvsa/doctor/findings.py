@@ -628,6 +628,7 @@ class ExportHostPath(Rule):
         recs = out_recs or warned
         p = recs[0].get("path")
         base = os.path.basename(p)
+        flag = next((w.get("flag") for w in warn if w.get("path") == p), "--output")
         return [self.finding(
             "problem", f"output written to an absolute path inside a container: {p}",
             ev(*(log.of("container")[:1]), *warn[:1], *recs),
@@ -635,7 +636,7 @@ class ExportHostPath(Rule):
             "outside a bind mount the file stays in the container and is lost with `docker run --rm` "
             "(the host path does not exist in there).",
             ["# relative path under a bind-mounted working directory:",
-             f"docker run --rm -v $(pwd):/workdir/code -w /workdir/code IMAGE lvsa generate ... --output outputs/{base}",
+             f"docker run --rm -v $(pwd):/workdir/code -w /workdir/code IMAGE lvsa generate ... {flag} outputs/{base}",
              "#   (the published scripts: --output-name benchmarks/results/" + base + ")",
              "# files are written as root: make them yours on the host",
              "chown -R $(id -u):$(id -g) outputs"])]
@@ -742,6 +743,24 @@ class MotionQuality(Rule):
              "lvsa plan --model MODEL --num-frames F --window-size 16   # see what a setting changes"])]
 
 
+def _refusal_fixes(reasons: str, device: str) -> List[str]:
+    """Commands for the refusal reasons the backends give (``not_supported_reasons``)."""
+    fix: List[str] = []
+    low = reasons.lower()
+    if "not installed" in low:
+        fix.append("pip install lvsa-ascend   # Ascend NPUs" if device.startswith("npu") else
+                   "pip install 'lvsa-cuda[flashinfer]'   # NVIDIA: triton and flashinfer")
+    if "dtype" in low:
+        fix.append("lvsa generate ... --dtype bfloat16   # the fast kernels take bfloat16/float16 "
+                   "(Python: pipe.to(torch.bfloat16))")
+    if "head_dim" in low:
+        fix.append("# the model's attention head size is not one the fast kernels take (see the allowed "
+                   "values above); the reference backend is the path for it")
+    if "compute capability" in low or "sm_" in low:
+        fix.append("# this GPU generation is below what the kernels need; the reference backend is the path")
+    return fix
+
+
 class SlowBackend(Rule):
     """Automatic selection fell to the reference backend on a GPU/NPU, or a plugin failed to load."""
 
@@ -756,14 +775,12 @@ class SlowBackend(Rule):
             if all("raised at run time" in v for v in refused.values()):
                 continue  # a demotion after a backend error: the backend_error finding explains it
             if r.get("backend") == "reference" and not dev.startswith("cpu"):
-                reasons = "; ".join(f"{k}: {v}" for k, v in r.get("refused").items())
+                reasons = "; ".join(f"{k}: {v}" for k, v in refused.items())
                 out.append(self.finding(
                     "problem", f"no fast backend on {dev}: lvsa ran its reference backend", ev(r),
                     f"every faster backend refused this problem ({reasons}). The reference backend is correct "
-                    "but not faster than dense attention.",
-                    ["lvsa info   # every backend and why it cannot run",
-                     "pip install lvsa-cuda            # NVIDIA: triton (and flashinfer with lvsa-cuda[flashinfer])",
-                     "pip install lvsa-ascend          # Ascend NPUs"]))
+                    "but not faster than dense attention.", ["lvsa info   # every backend and why it cannot run"]
+                    + _refusal_fixes(" ".join(refused.values()), dev)))
         for r in log.of("plugin_error"):
             out.append(self.finding(
                 "problem", "an lvsa plugin failed to load and was skipped", ev(r), r.get("message"),
