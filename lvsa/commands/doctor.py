@@ -23,11 +23,11 @@ exit codes: 0 nothing wrong (notes may be printed), 1 findings, 2 unreadable inp
 def register(sub):
     p = sub.add_parser(
         "doctor", help="diagnose a run from its log (or the live environment with --env)",
-        description=("Read a run log (lvsa's own output, or the published LVSA log format, vllm-omni "
-                     "server logs included) and say what went wrong and what to do: one finding per "
-                     "problem with its evidence lines, cause and fix as commands. --env checks LVSA_* "
-                     "variables, the reference horizon, backends (the reasons `lvsa info` gives) and "
-                     "torch_npu."),
+        description=textwrap.fill(
+            "Read a run log (lvsa's own output, or the published LVSA log format, vllm-omni server logs "
+            "included) and say what went wrong and what to do: one finding per problem with its evidence "
+            "lines, cause and fix as commands. --env checks LVSA_* variables, the reference horizon, "
+            "backends (the reasons `lvsa info` gives) and torch_npu.", 88),
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("log", nargs="?", default=None, metavar="LOG",
                    help="the run log to diagnose; - reads standard input")

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..config import Config
 from ..schedule import ALIASES, PRESETS, get_preset
-from .findings import REFERENCE_HELP, Diagnosis, Finding, _refusal_fixes
+from .findings import REFERENCE_HELP, Diagnosis, Finding, refusal_fixes
 
 #: LVSA_* variables read outside :class:`~lvsa.config.Config` (plugin loading, backend settings)
 OTHER_VARIABLES = {"LVSA_CONFIG", "LVSA_LOAD_PLUGINS", "LVSA_TRITON_CONFIG", "LVSA_FLASHINFER_WORKSPACE_MB",
@@ -220,7 +220,7 @@ def check_installation(env: Mapping[str, str], bad: List[str], info: Optional[Di
         out.append(_f("slow-backend", "problem", f"no fast backend can run on {kind}: auto selects the reference",
                       [f"{n}: {'; '.join(b['reasons'])}" for n, b in rows.items() if b["reasons"]],
                       "the reference backend is correct but not faster than dense attention.",
-                      ["lvsa info"] + _refusal_fixes(" ".join(r for b in rows.values() for r in b["reasons"]), kind)))
+                      ["lvsa info"] + refusal_fixes(" ".join(r for b in rows.values() for r in b["reasons"]), kind)))
     if info.get("selection_error"):
         out.append(_f("backend-selection", "problem", "no backend can be selected", [info["selection_error"]],
                       info["selection_error"], ["lvsa info"]))

@@ -743,7 +743,7 @@ class MotionQuality(Rule):
              "lvsa plan --model MODEL --num-frames F --window-size 16   # see what a setting changes"])]
 
 
-def _refusal_fixes(reasons: str, device: str) -> List[str]:
+def refusal_fixes(reasons: str, device: str) -> List[str]:
     """Commands for the refusal reasons the backends give (``not_supported_reasons``)."""
     fix: List[str] = []
     low = reasons.lower()
@@ -780,7 +780,7 @@ class SlowBackend(Rule):
                     "problem", f"no fast backend on {dev}: lvsa ran its reference backend", ev(r),
                     f"every faster backend refused this problem ({reasons}). The reference backend is correct "
                     "but not faster than dense attention.", ["lvsa info   # every backend and why it cannot run"]
-                    + _refusal_fixes(" ".join(refused.values()), dev)))
+                    + refusal_fixes(" ".join(refused.values()), dev)))
         for r in log.of("plugin_error"):
             out.append(self.finding(
                 "problem", "an lvsa plugin failed to load and was skipped", ev(r), r.get("message"),

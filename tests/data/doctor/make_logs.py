@@ -126,7 +126,8 @@ def run_scenario(name: str, workdir: str) -> str:
     from lvsa.cli import main
 
     argv, env, sim = SCENARIOS[name]
-    argv = [a.replace("ABS", workdir) for a in argv]
+    # on the CPU everywhere, so a GPU machine writes the same lines as CI
+    argv = [a.replace("ABS", workdir) for a in argv] + ["--device", "cpu"]
     old_env = {k: os.environ.get(k) for k in env}
     stale = [k for k in os.environ if k.startswith("LVSA_") and k not in env and k != "LVSA_CHECK"]
     removed = {k: os.environ.pop(k) for k in stale}
