@@ -30,6 +30,7 @@ OWN = {
     "container-export-wan": (["export-host-path"], []),
     "no-lvsa-wan": ([], ["dense-baseline"]),
     "silenced-fallbacks-wan": (["fallbacks-silenced"], []),
+    "window-below-latent-frame-wan": (["lvsa-warning"], []),
 }
 # hand-written, published format -> problems, notes
 HAND = {

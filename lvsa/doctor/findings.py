@@ -651,6 +651,7 @@ class ReferenceMismatch(Rule):
     def check(self, log, ctx):
         warns = [w for w in log.of("warning") if "trained at" in w.get("message", "")
                  and "reference_latent_frames" in w.get("message", "")]
+        ctx.claim(*warns)
         out = []
         for s in log.of("schedule"):
             R, T, ratio = s.get("reference"), s.get("T"), s.get("extension_ratio")
@@ -698,6 +699,7 @@ class DeprecatedSchedule(Rule):
 
     def check(self, log, ctx):
         recs = [w for w in log.of("warning") if "LVSA_SCHEDULE_" in w.get("message", "")]
+        ctx.claim(*recs)
         for name in ("LVSA_SCHEDULE_START", "LVSA_SCHEDULE_END"):
             r = log.env().get(name)
             if r is not None:
@@ -788,10 +790,27 @@ class SlowBackend(Rule):
         return out
 
 
+class LvsaWarnings(Rule):
+    """Any other ``[LVSA] WARNING`` line: lvsa says what is wrong and what to do itself."""
+
+    id = "lvsa-warning"
+    guide = ""
+
+    def check(self, log, ctx):
+        out = []
+        for w in ctx.unclaimed(log.of("warning")):
+            ctx.claim(w)
+            msg = w.get("message", "")
+            hint = msg.split("; ", 1)[1] if "; " in msg else ""
+            out.append(self.finding("problem", "lvsa warned: " + msg.split(";")[0].split(":")[0], ev(w), msg,
+                                    [f"# {hint}" if hint else "# see the warning's text above"]))
+        return out
+
+
 #: every rule, in the order they claim evidence
 RULES: Tuple[Rule, ...] = (SilencedFallbacks(), NoLvsaLines(), WarmupFallbacks(), WanHookMissing(), GeometryDetect(), NoTLat(),
                            OtherFallbacks(), DenseByDesign(), DecodeOOM(), ExportHostPath(), ReferenceMismatch(),
-                           DeprecatedSchedule(), SlowBackend(), MotionQuality())
+                           DeprecatedSchedule(), SlowBackend(), MotionQuality(), LvsaWarnings())
 
 
 @dataclass

@@ -61,6 +61,9 @@ SCENARIOS: Dict[str, Tuple[List[str], Dict[str, str], Optional[str]]] = {
     # every call falls back, with the fallback lines silenced: only the summary tells
     "silenced-fallbacks-wan": (["--model", "tiny-wan", "--steps", "1", "--output-latent", "outputs/sil.pt"],
                                {"LVSA_PATCHES_PER_FRAME": "1560", "LVSA_WARN_FALLBACK": "0"}, None),
+    # a window below one latent frame: lvsa's own warning
+    "window-below-latent-frame-wan": (["--model", "tiny-wan", "--steps", "1", "--output-latent", "outputs/w.pt"],
+                                      {"LVSA_WINDOW_SIZE": "2"}, None),
     # the dense baseline: lvsa off on purpose
     "no-lvsa-wan": (["--model", "tiny-wan", "--steps", "2", "--no-lvsa", "--output-latent", "outputs/base.pt"],
                     {}, None),
