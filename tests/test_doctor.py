@@ -295,6 +295,14 @@ def test_env_contradictions_and_typos():
     assert {"env-ignored", "env-fallbacks-hidden"} <= set(notes)
 
 
+def test_env_backend_declared_settings_are_parsed():
+    from lvsa import plugins
+
+    assert "LVSA_TRITON_CONFIG" in {st.env for st in plugins.declared_settings()}  # lvsa-cuda is installed
+    ids, d = _env_ids({"LVSA_TRITON_CONFIG": "garbage", "LVSA_JSONL_PATH": "/tmp/x.jsonl"})
+    assert ids == ["env-invalid"] and "LVSA_TRITON_CONFIG='garbage'" in d.problems[0].cause
+
+
 def test_env_reference_for_model():
     assert _env_ids({"LVSA_REFERENCE_LATENT_FRAMES": "21"}, "hunyuan")[0] == ["reference-mismatch"]
     assert _env_ids({"LVSA_REFERENCE_LATENT_FRAMES": "21"}, "wan")[0] == []

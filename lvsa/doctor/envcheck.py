@@ -8,37 +8,19 @@ you name, the backends that cannot run and why (the same reasons ``lvsa info`` g
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from ..config import Config
-from ..schedule import ALIASES, PRESETS, get_preset
+from ..config import Config, unknown_variables
+from ..presets import ALIASES, PRESETS, get_preset
 from .findings import REFERENCE_HELP, Diagnosis, Finding, refusal_fixes
 
-#: LVSA_* variables read outside :class:`~lvsa.config.Config` (plugin loading, backend settings)
-OTHER_VARIABLES = {"LVSA_CONFIG", "LVSA_LOAD_PLUGINS", "LVSA_TRITON_CONFIG", "LVSA_FLASHINFER_WORKSPACE_MB",
-                   "LVSA_JSONL_PATH"}
 GUIDE = ""
 
 
 def _f(id, severity, symptom, evidence, cause, fix) -> Finding:
     return Finding(id, severity, symptom, [(None, e) for e in evidence], cause, fix, GUIDE)
-
-
-def _known_variables() -> set:
-    names = set(Config.fields_by_env()) | OTHER_VARIABLES
-    try:  # backends that declare their settings (name, parser, doc) add them here
-        from .. import plugins
-        for bk in plugins.backends().values():
-            for s in getattr(bk, "settings", ()) or ():
-                n = getattr(s, "name", s if isinstance(s, str) else None)
-                if n:
-                    names.add(n)
-    except Exception:  # noqa: BLE001 - a broken plugin is reported by the backend check
-        pass
-    return names
 
 
 def check_variables(env: Mapping[str, str]) -> Tuple[List[Finding], Dict[str, Any], List[str]]:
@@ -77,15 +59,30 @@ def check_variables(env: Mapping[str, str]) -> Tuple[List[Finding], Dict[str, An
             out.append(_f("env-invalid", "problem", "LVSA_CONFIG does not parse", [f"LVSA_CONFIG={raw}"], str(e),
                           ["export LVSA_CONFIG='{\"window_size\": 16, \"sparsity_scale\": 0.8}'   # a JSON object",
                            "unset LVSA_CONFIG"]))
-    known = _known_variables()
-    for var in sorted(k for k in env if k.startswith("LVSA_") and k not in known):
-        close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.75)
+    settings = _declared_settings()
+    for st in settings:  # variables backends and plugins declare (LVSA_TRITON_CONFIG, ...)
+        if st.env in env:
+            try:
+                st.read(env)
+            except ValueError as e:
+                bad.append(st.env)
+                out.append(_f("env-invalid", "problem", f"{st.env} does not parse", [f"{st.env}={env[st.env]}"],
+                              str(e), [f"unset {st.env}   # {st.owner or 'plugin'}: {st.doc}"]))
+    for var, close in unknown_variables(env, settings).items():
         out.append(_f("env-unknown", "problem" if close else "note", f"{var} is not an lvsa variable",
                       [f"{var}={env[var]}"],
-                      "lvsa does not read it" + (f"; did you mean {close[0]}?" if close else
+                      "lvsa does not read it" + (f"; did you mean {close}?" if close else
                                                  " (lvsa info --vars lists every variable)."),
-                      [f"export {close[0]}={env[var]}; unset {var}"] if close else ["lvsa info --vars"]))
+                      [f"export {close}={env[var]}; unset {var}"] if close else ["lvsa info --vars"]))
     return out, values, bad
+
+
+def _declared_settings() -> list:
+    try:
+        from .. import plugins
+        return plugins.declared_settings()
+    except Exception:  # noqa: BLE001 - a broken registry is reported by check_installation
+        return []
 
 
 def check_contradictions(env: Mapping[str, str], values: Dict[str, Any], bad: List[str]) -> List[Finding]:
@@ -202,6 +199,11 @@ def check_installation(env: Mapping[str, str], bad: List[str], info: Optional[Di
     elif npu.get("installed") and not npu.get("available"):
         out.append(_f("npu-not-visible", "note", "torch_npu imports but no NPU is usable", [f"torch_npu: {npu.get('reason')}"],
                       npu.get("reason") or "", ["npu-smi info", "echo $ASCEND_RT_VISIBLE_DEVICES"]))
+    clash = info.get("name_clash")
+    if clash:
+        out.append(_f("backend-name-clash", "problem", f"two distributions register the backend {clash['backend']!r}",
+                      [clash["message"]], clash["message"],
+                      [f"pip uninstall {d}   # keep one" for d in clash["distributions"][1:]] + ["lvsa info"]))
     rows = {b["name"]: b for b in info.get("backends", [])}
     wanted = env.get("LVSA_BACKEND", "auto").strip() if "LVSA_BACKEND" not in bad else "auto"
     if wanted and wanted != "auto":

@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from ..schedule import FAMILY_REFERENCE, PRESETS, plan_schedule
+from ..presets import FAMILY_REFERENCE, PRESETS
+from ..schedule import plan_schedule
 from . import fit
 from .logparse import LogRecord, ParsedLog
 

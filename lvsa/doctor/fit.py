@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from ..schedule import PRESETS
+from ..presets import PRESETS
 
 #: resolutions (height, width) people generate at, most common first (both orientations)
 COMMON_RESOLUTIONS: Tuple[Tuple[int, int], ...] = (

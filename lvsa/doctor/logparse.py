@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from ..schedule import ALIASES
+from ..presets import ALIASES
 
 __all__ = ["LogRecord", "ParsedLog", "UnreadableInput", "parse_log", "parse_fields", "read_input"]
 
