@@ -23,7 +23,7 @@ LAYERS = {
     "integrations": ["lvsa.integrations", "lvsa.integrations.base", "lvsa.integrations.wan",
                      "lvsa.integrations.hunyuan", "lvsa.integrations.cogvideox",
                      "lvsa.integrations.registry", "lvsa.tiny"],
-    "commands": ["lvsa.cli", "lvsa.__main__", "lvsa.commands", "lvsa.generate"],
+    "commands": ["lvsa.cli", "lvsa.__main__", "lvsa.commands", "lvsa.generate", "lvsa.testing"],
 }
 ORDER = ["data", "mechanisms", "runtime", "integrations", "commands"]
 
