@@ -29,7 +29,7 @@ source benchmarks/device_setup.sh
 # FlashInfer's JIT builds (bf16, head_dim 128 for Wan/HunyuanVideo, 64 for CogVideoX), in the background
 MAX_JOBS=12 timeout 480 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 64 >"$out/prewarm-$tag.log" 2>&1 &
 
-left=$(( 530 - ($(date +%s) - start) ))
+left=$(( 515 - ($(date +%s) - start) ))
 timeout -s INT $(( left + 15 )) python3 -m lvsa bench model --out "$out" --tag "$tag" --no-progress \
   --models wan2.1-1.3b:121,81,21@2,1 wan2.1-14b:81@1 hunyuanvideo-1.5:65,33@1 cogvideox-5b:51@1 \
   --backends triton flashinfer --warmup 1 --repeats 2 --max-time 5 --budget-s "$left" \

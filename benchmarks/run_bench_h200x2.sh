@@ -17,7 +17,7 @@ source benchmarks/device_setup.sh
 nvidia-smi topo -m >>"$out/bench-$tag.log" 2>&1
 # FlashInfer's JIT build in the background (file-locked: the ranks wait for it, then load it from the cache)
 MAX_JOBS=24 timeout 400 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1 &
-left=$(( 530 - ($(date +%s) - start) ))
+left=$(( 515 - ($(date +%s) - start) ))
 timeout -s INT $(( left + 15 )) python3 -m lvsa bench model --world-size 2 --out "$out" --tag "$tag" --no-progress \
   --models wan2.1-14b:121,81@1 wan2.1-14b:121,81@2 \
   --backends flashinfer triton --warmup 1 --repeats 1 --budget-s "$left" \

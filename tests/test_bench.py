@@ -193,6 +193,22 @@ def test_model_dir_reads_a_local_checkpoint_config(tmp_path):
         spec_from_dir(str(tmp_path))
 
 
+def test_model_dir_runs_a_local_checkpoint_with_its_weights(tmp_path):
+    from lvsa.bench import model as bm
+    from lvsa.bench.specs import get_spec
+
+    tr = bm.build_transformer(get_spec("tiny-wan"), "cpu", torch.float32)
+    tr.save_pretrained(str(tmp_path / "ckpt" / "transformer"))
+    out = tmp_path / "out"
+    rc = main(["bench", "model", "--model-dir", str(tmp_path / "ckpt"), "--height", "64", "--width", "64",
+               "--frames", "41", "--batches", "1", "--quick", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    _, data = _results(out, "model")
+    (rec,) = data["records"]
+    assert rec["weights"].endswith("transformer") and rec["config_source"].endswith("config.json")
+    assert rec["variants"]["reference"]["lvsa"]["sparse_calls"] == rec["layers"] == 2
+
+
 # ------------------------------------------------------------ bench attention
 def test_quick_attention_run(tmp_path):
     rc = main(["bench", "attention", "--quick", "--shapes", "quick-hy-t49-text", "--out", str(tmp_path),

@@ -773,7 +773,7 @@ def _run(args, dist_info, device, dtype) -> int:
             except Exception as e:  # noqa: BLE001
                 err = "OOM" if common.is_oom(e) else f"build failed: {type(e).__name__}: {e}"
                 for T, b in rows:
-                    rec = _new_record(spec, T, b, dist_info)
+                    rec = _new_record(spec, T, b, dist_info, wdir)
                     rec["variants"] = {v: {"variant": v, "error": err} for v in BASELINES}
                     records.append(rec)
                     bar.update(n_variants)
@@ -781,7 +781,7 @@ def _run(args, dist_info, device, dtype) -> int:
                 continue
             ctx = Context(spec, tr, device, dtype, args, dist_info)
             for T, b in rows:
-                rec = _new_record(spec, T, b, dist_info)
+                rec = _new_record(spec, T, b, dist_info, wdir)
                 key = f"{spec.name} T{T} B{b}"
                 est = estimate_forward_s(spec, T, b) * calib[0]
                 budget_left = args.budget_s - (time.perf_counter() - t_start) if args.budget_s else None
@@ -856,8 +856,9 @@ def _row_estimate(spec: ModelSpec, T: int, b: int, args, calib: float, world: in
     return est * ((4 if spec.family == "hunyuan" else 2) + per_backend * nb) * max(1, args.min_repeats)
 
 
-def _new_record(spec: ModelSpec, T: int, b: int, dist_info) -> Dict[str, Any]:
+def _new_record(spec: ModelSpec, T: int, b: int, dist_info, wdir: Optional[str] = None) -> Dict[str, Any]:
     rec = {"model": spec.name, "title": spec.title, "family": spec.family, "config_source": spec.source,
+           "weights": wdir if wdir and _has_weights(wdir) else "random",
            "batch": b, "height": spec.height, "width": spec.width, "heads": spec.heads,
            "head_dim": spec.head_dim, "layers": spec.layers, "reference": spec.reference,
            "world_size": dist_info.world_size if dist_info else 1, "variants": {}}
