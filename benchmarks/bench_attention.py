@@ -253,7 +253,7 @@ def bench_shape(s: Shape, backends, args, triton_configs):
         if name == "flex" and s.name not in args.flex_shapes and "all" not in args.flex_shapes:
             continue
         bk = backends[name]
-        reasons = bk.supports(problem)
+        reasons = bk.not_supported_reasons(problem)
         if reasons:
             R[name] = {"error": "refused: " + "; ".join(reasons)}
             log(name, R[name])
@@ -340,7 +340,7 @@ def selfcheck(backends) -> list:
             if name == "flashinfer" and (dt != torch.bfloat16 or D != 128):
                 continue
             bk = backends[name]
-            why = bk.supports(problem)
+            why = bk.not_supported_reasons(problem)
             if why:
                 rows.append((name, T, P, H, Hkv, D, B, L, str(dt), "refused: " + "; ".join(why)))
                 continue
