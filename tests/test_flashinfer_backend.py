@@ -164,3 +164,21 @@ def test_text_merge_path_follows_the_tensors_device(fake_flashinfer, monkeypatch
     out = be.run(be.plan(mask, prob), q, k, v, tk, tv)
     ref = ReferenceBackend().run(ReferenceBackend().plan(mask, prob), q, k, v, tk, tv)
     assert torch.allclose(out, ref, atol=2e-5)
+
+
+def test_strided_k_with_contiguous_v(fake_flashinfer):
+    """A K that is a transposed [B, H, S, D] buffer reshapes as a view at batch 1 (found on
+    the H200 with CogVideoX): K and V must still reach FlashInfer with one layout."""
+    from lvsa.backends.reference import ReferenceBackend
+    T, P, D, H = 5, 6, 16, 3
+    mask = plan_schedule(T, 1, 1, 2).mask(1)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, H, T * P, D, generator=g).transpose(1, 2)    # [1, S, H, D], strided
+    k = torch.randn(1, H, T * P, D, generator=g).transpose(1, 2)
+    v = torch.randn(1, T * P, H, D, generator=g)                     # contiguous
+    assert not k.is_contiguous() and k.reshape(T * P, H, D).stride() != v.reshape(T * P, H, D).stride()
+    prob = Problem("cpu", torch.float32, 1, T * P, H, H, D, T=T, P=P)
+    be = fb.FlashInferBackend()
+    out = be.run(be.plan(mask, prob), q, k, v)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, prob), q, k, v)
+    assert torch.allclose(out, ref, atol=2e-5)

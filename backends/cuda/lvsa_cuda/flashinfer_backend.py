@@ -206,16 +206,20 @@ class FlashInferBackend(CudaBackend):
         scale = default_scale(D) if scale is None else float(scale)
         has_text = text_k is not None and text_k.shape[1] > 0
         strided = [n for n, t in (("q", q), ("k", k), ("v", v)) if not t.is_contiguous()]
-        if strided:  # FlashInfer needs [B*S, H, D] views: reshape copies, say so once
+        if strided:
+            # FlashInfer takes [B*S, H, D] with K and V laid out alike (equal page strides).
+            # A strided tensor can still *reshape* as a view (e.g. batch 1 of a transposed
+            # [B, H, S, D] buffer) with other strides than its partner: copy explicitly.
             from lvsa import telemetry
             telemetry.emit("warning", message=(
                 f"flashinfer: {', '.join(strided)} not contiguous, copied before every call "
                 "(pass contiguous [B, S, H, D] tensors to avoid the copy)"))
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         with device_guard(q.device), handle.lock:
             if handle.scale is None or not math.isclose(handle.scale, scale, rel_tol=1e-7):
                 self._plan_wrapper(handle, scale)
-            res = handle.wrapper.run(q.reshape(B * S, H, D), k.reshape(B * S, Hkv, D),
-                                     v.reshape(B * S, Hkv, D), return_lse=has_text)
+            res = handle.wrapper.run(q.view(B * S, H, D), k.view(B * S, Hkv, D),
+                                     v.view(B * S, Hkv, D), return_lse=has_text)
         if not has_text:
             return res.view(B, S, H, D)
         out, lse2 = res
