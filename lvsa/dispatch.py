@@ -168,7 +168,7 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
 def _plan(backend, mask: BlockMask, problem: Problem):
     shape_key = (problem.batch, problem.seq_len, problem.num_heads, problem.num_kv_heads,
                  problem.head_dim, problem.text_len, str(problem.dtype), problem.device_kind,
-                 problem.device_index)
+                 problem.device_index, problem.q_rows)
     return mask.cached(("plan", backend.name, id(backend), shape_key),
                        lambda: _timed_plan(backend, mask, problem))
 
@@ -185,8 +185,12 @@ def _timed_plan(backend, mask, problem):
 
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
                   backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
-                  validated: bool = False):
+                  validated: bool = False, q_rows=None):
     """Validate, select, plan (cached) and run; the single fallback decision point.
+
+    ``q_rows=(lo, hi)``: ``q`` holds only query rows ``[lo, hi)`` of the sequence (sequence
+    parallelism); backends without ``supports_q_rows`` are passed over (or refuse, when
+    named explicitly).
 
     Returns ``(out, backend_name, fell_back)``.
     """
@@ -195,8 +199,8 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
 
     config = config or current_config()
     if not validated:
-        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check)
-    problem = Problem.from_tensors(q, k, mask, text_k)
+        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check, q_rows=q_rows)
+    problem = Problem.from_tensors(q, k, mask, text_k, q_rows)
     sel = select_backend(problem, backend, config)
     try:
         handle = _plan(sel.backend, mask, problem)
@@ -212,7 +216,7 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         _runtime_failures[(problem, sel.name)] = msg
         _selection_cache.clear()
         telemetry.emit("fallback", origin=origin, reason="backend_error",
-                       seq_len=q.shape[1] + (0 if text_k is None else text_k.shape[1]),
+                       seq_len=k.shape[1] + (0 if text_k is None else text_k.shape[1]),
                        backend=sel.name, error=repr(msg), to="reference", warn=config.warn_fallback)
         ref = plugins.get_backend("reference")
         out = ref.run(_plan(ref, mask, problem), q, k, v, text_k, text_v, scale)

@@ -1,0 +1,257 @@
+"""Context parallelism on the CPU: forked gloo ranks (tests/cp_harness.py) against one process.
+
+Every rank's result must equal the single-process lvsa result: bit for bit where the
+arithmetic is the same per row/head (reference backend, float32), within a float32
+tolerance through a whole transformer otherwise.
+"""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cp_harness import run_ranks  # noqa: E402
+
+from lvsa import integrations, tiny  # noqa: E402
+from lvsa.tiny import EventRecorder  # noqa: E402
+
+STEPS = 2
+
+
+def _ok(results):
+    for r in results:
+        assert r.finished, f"rank {r.rank} hung"
+        assert r.error is None, f"rank {r.rank}: {r.error}\n{r.traceback}"
+    return [r.value for r in results]
+
+
+def _lvsa_lines(text):
+    return [ln for ln in text.splitlines() if "[LVSA" in ln]
+
+
+# ----------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def wan():
+    pipe = tiny.build("wan")
+    integrations.enable(pipe)
+    base = tiny.run_latent(pipe, "wan", num_inference_steps=STEPS)
+    integrations.disable(pipe)
+    return pipe, base
+
+
+def _wan_transformer(heads, seed=0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024).eval()
+
+
+def _wan_inputs(T, h, w, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 16, T, h, w, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)
+
+
+def _forward(tr, inputs, **settings):
+    """One transformer forward under lvsa (a bare transformer: geometry from the latent)."""
+    integrations.enable(tr, **settings)
+    try:
+        with torch.no_grad():
+            return tr(**inputs)[0]
+    finally:
+        integrations.disable(tr)
+
+
+# ------------------------------------------------------------------ Ulysses
+def _wan_pipeline_case(rank, world, pipe, mode):
+    integrations.enable(pipe, context_parallel=mode)
+    with EventRecorder() as rec:
+        out = tiny.run_latent(pipe, "wan", num_inference_steps=STEPS)
+    return out, [e["reason"] for e in rec.of("fallback")], integrations.last_summary(pipe)
+
+
+def test_ulysses_w2_wan_pipeline_is_bit_identical_and_only_rank0_prints(wan):
+    pipe, base = wan
+    res = run_ranks(_wan_pipeline_case, 2, pipe, "ulysses")
+    for out, fallbacks, summary in _ok(res):
+        assert torch.equal(out, base)  # reference backend, float32: bit for bit
+        assert fallbacks == [] and summary["sparse_calls"] > 0
+    assert any("engaged (wan)" in ln for ln in _lvsa_lines(res[0].stderr))
+    assert _lvsa_lines(res[1].stderr) == []  # only rank 0 prints [LVSA] lines
+
+
+def test_log_all_ranks_prefixes_every_rank(wan):
+    pipe, _ = wan
+    res = run_ranks(_wan_pipeline_case, 2, pipe, "ulysses", env={"LVSA_LOG_ALL_RANKS": "1"})
+    _ok(res)
+    for r in res:
+        lines = _lvsa_lines(r.stderr)
+        assert lines and all(ln.startswith(f"[rank {r.rank}] [LVSA") for ln in lines)
+
+
+def _transformer_case(rank, world, tr, inputs, mode):
+    return _forward(tr, inputs, context_parallel=mode)
+
+
+def test_ulysses_w3_wan_transformer():
+    tr = _wan_transformer(heads=6)
+    inputs = _wan_inputs(T=24, h=8, w=8)  # S = 24 * 16 = 384 = 3 * 128
+    base = _forward(tr, inputs)
+    for out in _ok(run_ranks(_transformer_case, 3, tr, inputs, "ulysses")):
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- sequence
+def test_sequence_w3_two_heads_frames_straddle_ranks():
+    tr = _wan_transformer(heads=2)
+    inputs = _wan_inputs(T=25, h=6, w=8)  # P = 12, S = 300: 100 rows per rank, frames cut
+    base = _forward(tr, inputs)
+    for out in _ok(run_ranks(_transformer_case, 3, tr, inputs, "auto")):  # 2 heads on 3: sequence
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+
+
+def test_ulysses_refuses_heads_that_do_not_divide():
+    tr = _wan_transformer(heads=2)
+    res = run_ranks(_transformer_case, 3, tr, _wan_inputs(T=25, h=6, w=8), "ulysses")
+    for r in res:
+        assert r.finished and "context_parallel='sequence'" in (r.error or "")
+
+
+@pytest.mark.parametrize("world,heads,mode", [(4, 12, "ulysses"), (8, 8, "ulysses"), (8, 12, "auto")])
+def test_four_and_eight_ranks(world, heads, mode):
+    """Issue 17 on the CPU: Ulysses where heads divide, sequence mode for Wan 1.3B-like 12 heads on 8."""
+    tr = _wan_transformer(heads=heads)
+    inputs = _wan_inputs(T=24, h=6, w=8)  # P = 12, S = 288: 36 rows per rank on 8 (frames cut)
+    base = _forward(tr, inputs)
+    for out in _ok(run_ranks(_transformer_case, world, tr, inputs, mode, timeout=120)):
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------- text paths
+@pytest.mark.parametrize("family", ["hunyuan", "cogvideox"])
+@pytest.mark.parametrize("mode", ["ulysses", "sequence"])
+def test_text_queries_see_the_whole_video(family, mode):
+    pipe = tiny.build(family)
+    integrations.enable(pipe)
+    base = tiny.run_latent(pipe, family, num_inference_steps=STEPS)
+    integrations.disable(pipe)
+
+    def case(rank, world):
+        integrations.enable(pipe, context_parallel=mode)
+        with EventRecorder() as rec:
+            out = tiny.run_latent(pipe, family, num_inference_steps=STEPS)
+        return out, [e["reason"] for e in rec.of("fallback")]
+
+    for out, fallbacks in _ok(run_ranks(case, 2)):
+        assert fallbacks == []
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------ diffusers' own CP
+def _diffusers_cp(pipe, **cp_kwargs):
+    from diffusers import ContextParallelConfig
+
+    # diffusers 0.42.1 places each rank on device `rank % torch.accelerator.device_count()`,
+    # which divides by zero on a machine without an accelerator: one CPU "device" per rank
+    torch.accelerator.device_count = lambda: 1
+    pipe.transformer.enable_parallelism(config=ContextParallelConfig(**cp_kwargs))
+
+
+def test_wan_through_diffusers_enable_parallelism(wan):
+    pipe, base = wan
+
+    def case(rank, world):
+        _diffusers_cp(pipe, ulysses_degree=world)
+        integrations.enable(pipe)  # no context_parallel argument: diffusers' Ulysses group is used
+        with EventRecorder() as rec:
+            out = tiny.run_latent(pipe, "wan", num_inference_steps=STEPS)
+        return out, [e["reason"] for e in rec.of("fallback")], integrations.last_summary(pipe)
+
+    for out, fallbacks, summary in _ok(run_ranks(case, 2)):
+        assert fallbacks == [] and summary["sparse_calls"] > 0
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_ulysses_anything_hands_off_with_the_fallback_line(wan):
+    pipe, _ = wan
+    dense = tiny.run_latent(pipe, "wan", num_inference_steps=1)  # lvsa off
+
+    def case(rank, world):
+        _diffusers_cp(pipe, ulysses_degree=world, ulysses_anything=True)
+        integrations.enable(pipe)
+        with EventRecorder() as rec:
+            out = tiny.run_latent(pipe, "wan", num_inference_steps=1)
+        return out, sorted({e["reason"] for e in rec.of("fallback")}), integrations.last_summary(pipe)
+
+    res = run_ranks(case, 2)
+    for out, reasons, summary in _ok(res):
+        assert reasons == ["context_parallel"] and summary["sparse_calls"] == 0
+        torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)  # diffusers' own (dense) CP ran
+    assert "reason=context_parallel" in res[0].stderr
+
+
+# ---------------------------------------------------------------- failures
+def test_a_failing_rank_brings_the_group_down_naming_rank_and_cause():
+    tr = _wan_transformer(heads=2)
+    inputs = _wan_inputs(T=24, h=8, w=8)
+
+    def case(rank, world):
+        integrations.enable(tr, context_parallel="ulysses")
+        if rank == 1:
+            eng = integrations.engine_of(tr)
+
+            def boom(*a, **k):
+                raise RuntimeError("injected failure")
+            eng.attention = boom
+        with torch.no_grad():
+            return tr(**inputs)[0]
+
+    res = run_ranks(case, 2, timeout=30, dist_timeout=20)
+    assert all(r.finished for r in res)
+    assert "injected failure" in res[1].error
+    assert "rank 1" in res[0].error and "injected failure" in res[0].error  # the peer's cause, not a hang
+
+
+def test_a_rank_that_never_reaches_the_collective_times_out():
+    tr = _wan_transformer(heads=2)
+    inputs = _wan_inputs(T=24, h=8, w=8)
+
+    def case(rank, world):
+        if rank == 1:
+            time.sleep(4)  # never joins the all-to-all in time
+            return None
+        integrations.enable(tr, context_parallel="ulysses")
+        with torch.no_grad():
+            return tr(**inputs)[0]
+
+    res = run_ranks(case, 2, timeout=30, dist_timeout=1)
+    assert res[0].finished and "LVSA_DIST_TIMEOUT=1" in res[0].error and "never reached" in res[0].error
+
+
+def test_ranks_that_disagree_on_the_step_raise_under_lvsa_check():
+    tr = _wan_transformer(heads=2)
+    inputs = _wan_inputs(T=24, h=8, w=8)
+
+    def case(rank, world):
+        integrations.enable(tr, context_parallel="ulysses")
+        integrations.engine_of(tr).set_step(rank)  # rank 1 thinks it is one step further
+        with torch.no_grad():
+            return tr(**inputs)[0]
+
+    res = run_ranks(case, 2, env={"LVSA_CHECK": "1"})
+    for r in res:
+        assert r.finished and "ranks disagree" in (r.error or "") and "rank 1: (24, 16, 0, 1" in r.error
+
+
+def test_context_parallel_without_a_process_group_says_how_to_launch():
+    from lvsa.parallel import ContextParallelError
+
+    tr = _wan_transformer(heads=2)
+    with pytest.raises(ContextParallelError, match="torchrun"):
+        integrations.enable(tr, context_parallel="ulysses")
+    assert not integrations.is_enabled(tr)
