@@ -289,14 +289,38 @@ class ContextParallel:
         return y.permute(1, 2, 0, 3, 4).reshape(B, S // w, w * h, D)
 
     def seq_to_heads_many(self, *ts: torch.Tensor) -> List[torch.Tensor]:
-        """:meth:`seq_to_heads` of several equal-shaped tensors in one collective."""
+        """:meth:`seq_to_heads` of several equal-shaped tensors in one collective; each
+        result is contiguous (what the kernels' fast paths want)."""
         if len(ts) > 1 and all(t.shape == ts[0].shape and t.dtype == ts[0].dtype for t in ts):
+            n = len(ts)
             B, s, H, D = ts[0].shape
-            # heads stay the split axis: fold the tensors into head_dim
-            x = torch.cat([t.reshape(B, s, H, 1, D) for t in ts], dim=3).reshape(B, s, H, len(ts) * D)
-            y = self.seq_to_heads(x)
-            return list(y.reshape(B, self.world_size * s, H // self.world_size, len(ts), D).unbind(3))
+            w = self.world_size
+            x = torch.stack(ts, 0).reshape(n, B, s, w, H // w, D).permute(3, 0, 1, 2, 4, 5).contiguous()
+            y = torch.empty_like(x)
+            self._run("all_to_all", _dist().all_to_all_single, y, x, group=self.group)
+            return list(y.permute(1, 2, 0, 3, 4, 5).reshape(n, B, w * s, H // w, D).unbind(0))
         return [self.seq_to_heads(t) for t in ts]
+
+    def attention(self, attend, q, k, v, text_k=None, text_v=None):
+        """Exact attention of the video queries of local shards under context parallelism.
+
+        ``q``/``k``/``v`` ``[B, S/w, H(kv), D]`` are this rank's tokens; ``text_k``/``text_v``
+        ``[B, L, Hkv, D]`` are replicated. ``attend(q, k, v, text_k, text_v, q_rows)`` is the
+        single-device call (e.g. :meth:`lvsa.engine.Engine.attention` or
+        :func:`lvsa.attention` with a mask). Returns this rank's output ``[B, S/w, H, D]``,
+        equal to those rows of the single-device output.
+        """
+        S = q.shape[1] * self.world_size
+        if self.layout(q.shape[2], k.shape[2]) == "ulysses":
+            if q.shape[2] == k.shape[2]:
+                qf, kf, vf = self.seq_to_heads_many(q, k, v)
+            else:
+                qf, (kf, vf) = self.seq_to_heads(q), self.seq_to_heads_many(k, v)
+            if text_k is not None:
+                text_k, text_v = self.head_slice(text_k), self.head_slice(text_v)
+            return self.heads_to_seq(attend(qf, kf, vf, text_k, text_v, None).to(q.dtype))
+        kf, vf = self.all_gather(k, 1), self.all_gather(v, 1)
+        return attend(q, kf, vf, text_k, text_v, self.rows(S))
 
     def head_slice(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
         """This rank's heads of a replicated tensor (``[B, L, H, D]``)."""

@@ -255,3 +255,27 @@ def test_context_parallel_without_a_process_group_says_how_to_launch():
     with pytest.raises(ContextParallelError, match="torchrun"):
         integrations.enable(tr, context_parallel="ulysses")
     assert not integrations.is_enabled(tr)
+
+
+# -------------------------------------------------------- the GPU check script
+def test_cp_check_script_cpu_path(tmp_path):
+    """benchmarks/cp_check.py (what runs on the GPUs under torchrun) on its --small CPU
+    path: every case passes and the JSON + Markdown results are written by rank 0 only."""
+    import importlib.util
+    import json
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cp_check.py")
+    spec = importlib.util.spec_from_file_location("cp_check", path)
+    cp_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cp_check)
+
+    def case(rank, world):
+        return cp_check.main(["--device", "cpu", "--small", "--out", str(tmp_path), "--tag", "t"])
+
+    assert _ok(run_ranks(case, 2, timeout=120)) == [0, 0]
+    data = json.loads((tmp_path / "cp-check-t.json").read_text())
+    ran = [r for r in data["results"] if "skipped" not in r]
+    assert {(r["kind"], r["mode"]) for r in ran} == {(k, m) for k in ("attention", "transformer")
+                                                     for m in ("ulysses", "sequence")}
+    assert all(r["pass"] and r["bit_identical"] for r in ran)
+    assert "| transformer | small T25 B1 | reference | sequence |" in (tmp_path / "cp-check-t.md").read_text()

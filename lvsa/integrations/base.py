@@ -187,13 +187,9 @@ class ProcessorBase:
     def cp_video_attention(self, cp, q, k, v):
         """Video-only self-attention of local shards ``[B, S/w, H, D]`` under context
         parallelism; returns the local output ``[B, S/w, H, D]`` (exact)."""
-        S = q.shape[1] * cp.world_size
-        self.cp_check(cp, S)
-        if cp.layout(q.shape[2], k.shape[2]) == "ulysses":
-            qf, kf, vf = cp.seq_to_heads_many(q, k, v)
-            return cp.heads_to_seq(self.engine.attention(qf, kf, vf).to(q.dtype))
-        kf, vf = cp.all_gather(k, 1), cp.all_gather(v, 1)
-        return self.engine.attention(q, kf, vf, q_rows=cp.rows(S))
+        self.cp_check(cp, q.shape[1] * cp.world_size)
+        return cp.attention(lambda q_, k_, v_, tk, tv, rows: self.engine.attention(q_, k_, v_, tk, tv, q_rows=rows),
+                            q, k, v)
 
     def refuse_under_cp(self, cp, reason: str):
         """lvsa's own hooks shard the sequence: the original processor would attend only
