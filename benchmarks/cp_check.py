@@ -126,6 +126,26 @@ def gather_worst(record, keys=("max_abs_diff", "rel_l2")):
     return out
 
 
+def check_modes(results, base, srec, world, heads, S, run_cp, tol, label, timing):
+    """Ulysses and sequence mode of one case: ``run_cp(mode)`` → comparison on every rank."""
+    for mode in ("ulysses", "sequence"):
+        rec = {**base, "mode": mode}
+        if "error" in srec:
+            rec["error"] = "single-device run failed: " + srec["error"]
+        elif (mode == "ulysses" and heads % world) or S % world:
+            rec["skipped"] = f"{heads} heads / {S} tokens do not divide by {world} ranks"
+        else:
+            run_case(rec, lambda m=mode: run_cp(m))
+            if "error" not in rec:
+                rec.update(gather_worst(rec))
+                rec["tolerance"] = tol
+                rec["pass"] = rec["finite"] and rec["rel_l2"] <= tol
+        results.append(rec)
+        log(f"  {label} {mode}: " + (rec.get("error") or rec.get("skipped") or (
+            f"rel_l2={rec['rel_l2']:.2e} max|d|={rec['max_abs_diff']:.2e} bit-identical={rec['bit_identical']}"
+            + timing(rec))))
+
+
 # ------------------------------------------------------------- attention shapes
 def attention_cases(args, device, dtype, world):
     shapes = SMALL_SHAPES if args.small else {k: SHAPES[k] for k in args.shapes}
@@ -162,38 +182,20 @@ def attention_cases(args, device, dtype, world):
                 return rec
 
             srec = run_case({}, do_single)
-            for mode in ("ulysses", "sequence"):
-                rec = {**base, "mode": mode}
-                if "error" in srec:
-                    rec["error"] = "single-device run failed: " + srec["error"]
-                    results.append(rec)
-                    continue
+
+            def run_cp(mode):
                 cp = parallel.ContextParallel(mode=mode)
-                if (mode == "ulysses" and H % world) or S % world:
-                    rec["skipped"] = f"{H} heads / {S} tokens do not divide by {world} ranks"
-                    results.append(rec)
-                    continue
                 lo, hi = cp.rows(S)
                 ql, kl, vl = (t[:, lo:hi].contiguous() for t in (q, k, v))
+                res = compare(cp.attention(attend, ql, kl, vl, tk, tv), single["out"][:, lo:hi])
+                if args.time:
+                    res["cp_ms"] = 1e3 * timed(lambda: cp.attention(attend, ql, kl, vl, tk, tv), device, args.time)
+                    res["single_ms"] = srec.get("single_ms")
+                return res
 
-                def do_cp():
-                    out = cp.attention(attend, ql, kl, vl, tk, tv)
-                    res = compare(out, single["out"][:, lo:hi])
-                    if args.time:
-                        res["cp_ms"] = 1e3 * timed(lambda: cp.attention(attend, ql, kl, vl, tk, tv), device,
-                                                   args.time)
-                        res["single_ms"] = srec.get("single_ms")
-                    return res
-
-                run_case(rec, do_cp)
-                if "error" not in rec:
-                    rec.update(gather_worst(rec))
-                    rec["tolerance"] = TOL_ATTENTION[dtype]
-                    rec["pass"] = rec["finite"] and rec["rel_l2"] <= rec["tolerance"]
-                results.append(rec)
-                log(f"  {sname} {name} {mode}: " + (rec.get("error") or
-                    f"rel_l2={rec['rel_l2']:.2e} max|d|={rec['max_abs_diff']:.2e} bit-identical={rec['bit_identical']}"
-                    + (f" single={rec.get('single_ms') or 0:.1f}ms cp={rec.get('cp_ms') or 0:.1f}ms" if args.time else "")))
+            check_modes(results, base, srec, world, H, S, run_cp, TOL_ATTENTION[dtype], f"{sname} {name}",
+                        lambda r: f" single={r.get('single_ms') or 0:.1f}ms cp={r.get('cp_ms') or 0:.1f}ms"
+                        if args.time else "")
             single.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -257,39 +259,23 @@ def transformer_cases(args, device, dtype, world):
                 return rec
 
             srec = run_case({}, do_single)
-            for mode in ("ulysses", "sequence"):
-                rec = {**base, "mode": mode}
-                if "error" in srec:
-                    rec["error"] = "single-device run failed: " + srec["error"]
-                    results.append(rec)
-                    continue
-                if (mode == "ulysses" and H % world) or S % world:
-                    rec["skipped"] = f"{H} heads / {S} tokens do not divide by {world} ranks"
-                    results.append(rec)
-                    continue
 
-                def do_cp(_m=mode):
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    out = fwd(context_parallel=_m)
-                    res = compare(out, ref["out"])
-                    if args.time:
-                        res["cp_s"] = timed(lambda: fwd(context_parallel=_m), device, args.time)
-                        res["single_s"] = srec.get("single_s")
-                    if device.type == "cuda":
-                        res["cp_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-                        res["single_peak_gb"] = srec.get("single_peak_gb")
-                    return res
+            def run_cp(mode):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                res = compare(fwd(context_parallel=mode), ref["out"])
+                if args.time:
+                    res["cp_s"] = timed(lambda: fwd(context_parallel=mode), device, args.time)
+                    res["single_s"] = srec.get("single_s")
+                if device.type == "cuda":
+                    res["cp_peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                    res["single_peak_gb"] = srec.get("single_peak_gb")
+                return res
 
-                run_case(rec, do_cp)
-                if "error" not in rec:
-                    rec.update(gather_worst(rec))
-                    rec["tolerance"] = TOL_TRANSFORMER[dtype]
-                    rec["pass"] = rec["finite"] and rec["rel_l2"] <= rec["tolerance"]
-                results.append(rec)
-                log(f"  transformer T{T} {name} {mode}: " + (rec.get("error") or
-                    f"rel_l2={rec['rel_l2']:.2e} max|d|={rec['max_abs_diff']:.2e} bit-identical={rec['bit_identical']}"
-                    + (f" single={rec.get('single_s') or 0:.2f}s cp={rec.get('cp_s') or 0:.2f}s" if args.time else "")))
+            check_modes(results, base, srec, world, H, S, run_cp, TOL_TRANSFORMER[dtype],
+                        f"transformer T{T} {name}",
+                        lambda r: f" single={r.get('single_s') or 0:.2f}s cp={r.get('cp_s') or 0:.2f}s"
+                        if args.time else "")
             ref.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
