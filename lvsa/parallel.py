@@ -187,6 +187,43 @@ def distributed(device_kind: Optional[str] = None, config=None) -> Iterator[Dist
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def command_session(device_kind: Optional[str] = None, config=None) -> Iterator[DistInfo]:
+    """:func:`distributed` for a command: under ``torchrun`` only rank 0 speaks.
+
+    Ranks other than 0 run with ``sys.stdout``/``sys.stderr`` silenced (progress bars,
+    notes, summaries) unless ``LVSA_LOG_ALL_RANKS=1``; an exception still leaves the
+    context and is reported (with the rank) to the other ranks and the caller.
+    """
+    with distributed(device_kind, config) as info:
+        if config is None:
+            from .api import current_config
+            config = current_config()
+        if not info.active or info.is_main or config.log_all_ranks:
+            yield info
+            return
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                contextlib.redirect_stderr(devnull):
+            yield info
+
+
+def divisibility_problem(world_size: int, seq_len: Optional[int], heads: Optional[int] = None,
+                         mode: str = "auto") -> Optional[str]:
+    """Why a run of ``seq_len`` video tokens (and ``heads`` heads) cannot be split over
+    ``world_size`` ranks in ``mode``, or ``None`` when it can (checked before loading)."""
+    if world_size <= 1:
+        return None
+    if seq_len is not None and seq_len % world_size:
+        fits = [str(n) for n in range(2, 9) if seq_len % n == 0]
+        return (f"context parallel: {seq_len} video tokens (T_lat x P) do not divide by {world_size} ranks; "
+                "pick --num-frames/--height/--width so that they do"
+                + (f", or --nproc-per-node {' / '.join(fits)}" if fits else ""))
+    if mode == "ulysses" and heads is not None and heads % world_size:
+        return (f"context parallel: --context-parallel ulysses needs the {heads} attention heads to divide by "
+                f"{world_size} ranks; use --context-parallel sequence (or auto)")
+    return None
+
+
 # ------------------------------------------------------------ the collectives
 @dataclass
 class ContextParallel:

@@ -41,6 +41,21 @@ def wan():
     return pipe, base
 
 
+@pytest.fixture(scope="module")
+def text_pipes():
+    """The tiny HunyuanVideo 1.5 / CogVideoX pipelines and their single-process lvsa latents."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            pipe = tiny.build(family)
+            integrations.enable(pipe)
+            built[family] = (pipe, tiny.run_latent(pipe, family, num_inference_steps=STEPS))
+            integrations.disable(pipe)
+        return built[family]
+    return get
+
+
 def _wan_transformer(heads, seed=0):
     from diffusers import WanTransformer3DModel
 
@@ -135,11 +150,8 @@ def test_four_and_eight_ranks(world, heads, mode):
 # --------------------------------------------------------------- text paths
 @pytest.mark.parametrize("family", ["hunyuan", "cogvideox"])
 @pytest.mark.parametrize("mode", ["ulysses", "sequence"])
-def test_text_queries_see_the_whole_video(family, mode):
-    pipe = tiny.build(family)
-    integrations.enable(pipe)
-    base = tiny.run_latent(pipe, family, num_inference_steps=STEPS)
-    integrations.disable(pipe)
+def test_text_queries_see_the_whole_video(family, mode, text_pipes):
+    pipe, base = text_pipes(family)
 
     def case(rank, world):
         integrations.enable(pipe, context_parallel=mode)
@@ -223,7 +235,7 @@ def test_a_rank_that_never_reaches_the_collective_times_out():
 
     def case(rank, world):
         if rank == 1:
-            time.sleep(4)  # never joins the all-to-all in time
+            time.sleep(2.5)  # never joins the all-to-all in time (rank 0 waits 1 s)
             return None
         integrations.enable(tr, context_parallel="ulysses")
         with torch.no_grad():
@@ -279,3 +291,39 @@ def test_cp_check_script_cpu_path(tmp_path):
                                                      for m in ("ulysses", "sequence")}
     assert all(r["pass"] and r["bit_identical"] for r in ran)
     assert "| transformer | small T25 B1 | reference | sequence |" in (tmp_path / "cp-check-t.md").read_text()
+
+
+# ------------------------------------------------------------- command line
+def _lvsa_cmd(tmp_path, name, ranks=None, extra=()):
+    import subprocess
+
+    env = {**os.environ, "LVSA_CHECK": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = ([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", str(ranks),
+                 "--master-port", str(__import__("cp_harness").free_port())] if ranks else [sys.executable])
+    cmd = launcher + ["-m", "lvsa", "generate", "--steps", "2", "--output-latent", str(tmp_path / name), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+
+def test_torchrun_generate_gives_the_single_process_latent(tmp_path):
+    one = _lvsa_cmd(tmp_path, "one.pt")
+    two = _lvsa_cmd(tmp_path, "two.pt", ranks=2)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert torch.equal(a["latent"], b["latent"])
+    assert b["metadata"]["lvsa"]["sparse_calls"] > 0 and b["metadata"]["lvsa"]["fallbacks"] == 0
+    said = two.stdout + two.stderr
+    assert said.count("engaged (wan)") == 1 and said.count("lvsa generate: done") == 1  # rank 0 only
+
+
+def test_generate_checks_divisibility_up_front_and_only_rank0_says_so(tmp_path):
+    from lvsa import cli
+
+    def case(rank, world):  # `lvsa generate` inside an existing 3-rank group (as torchrun makes)
+        return cli.main(["generate", "--steps", "1", "--output-latent", str(tmp_path / "x.pt")])
+
+    res = run_ranks(case, 3)
+    assert _ok(res) == [2, 2, 2] and not (tmp_path / "x.pt").exists()
+    assert "400 video tokens (T_lat x P) do not divide by 3 ranks" in res[0].stderr  # the tiny Wan
+    assert "--nproc-per-node 2 / 4 / 5 / 8" in res[0].stderr
+    assert res[1].stderr == res[2].stderr == ""
