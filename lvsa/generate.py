@@ -771,8 +771,6 @@ def _decode(args) -> int:
     if w:
         _note("decode", w)
     device, dtype = _device_and_dtype(args, spec.tiny)
-    if dist is not None and dist.active and dist.device is not None:
-        device = dist.device  # each rank on its own device (cuda:LOCAL_RANK)
 
     from .integrations.base import adapter_for_family
 
