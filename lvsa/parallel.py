@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import sys
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -494,13 +492,3 @@ def exchange_sizes(mask, P: int, world_size: int, heads: int, head_dim: int, bat
     return {"T": T, "P": P, "world_size": world_size, "allgather_bytes": gather,
             "minimal_bytes_max": max(minimal), "minimal_bytes_mean": sum(minimal) / len(minimal),
             "ulysses_bytes": a2a}
-
-
-def say_rank0(msg: str, file=None) -> None:
-    """Print on rank 0 only (messages the whole group shares, e.g. a divisibility error)."""
-    if global_rank() == 0:
-        print(msg, file=file or sys.stderr, flush=True)
-
-
-def format_exception_line(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()

@@ -327,3 +327,16 @@ def test_generate_checks_divisibility_up_front_and_only_rank0_says_so(tmp_path):
     assert "400 video tokens (T_lat x P) do not divide by 3 ranks" in res[0].stderr  # the tiny Wan
     assert "--nproc-per-node 2 / 4 / 5 / 8" in res[0].stderr
     assert res[1].stderr == res[2].stderr == ""
+
+
+def test_exchange_sizes_from_the_mask():
+    from lvsa.mask import dense_mask
+    from lvsa.parallel import exchange_sizes
+    from lvsa.schedule import plan_schedule
+
+    dense = exchange_sizes(dense_mask(8), P=10, world_size=4, heads=2, head_dim=8)
+    assert dense["minimal_bytes_max"] == dense["allgather_bytes"] == 60 * 2 * 2 * 8 * 2  # all 60 other tokens
+    sparse = plan_schedule(81, 3, 1, 21).mask(0)  # kfi 6: 14 globals + window
+    r = exchange_sizes(sparse, P=1560, world_size=2, heads=12, head_dim=128)
+    assert r["minimal_bytes_max"] < 0.35 * r["allgather_bytes"]
+    assert r["ulysses_bytes"] == 4 * (81 * 1560 // 2) * 12 * 128 * 2 // 2
