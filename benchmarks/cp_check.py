@@ -91,7 +91,7 @@ def timed(fn, device, iters):
 
 def backend_reasons(name, q, k, mask, tk, q_rows=None):
     try:
-        return get_backend(name).supports(Problem.from_tensors(q, k, mask, tk, q_rows))
+        return get_backend(name).not_supported_reasons(Problem.from_tensors(q, k, mask, tk, q_rows))
     except Exception as e:  # noqa: BLE001 - unknown backend name
         return [f"{type(e).__name__}: {e}"]
 
@@ -230,7 +230,7 @@ def transformer_cases(args, device, dtype, world):
             base = {"kind": "transformer", "model": "small" if args.small else args.transformer, "T": T,
                     "batch": args.batch, "backend": name, "S": T * (h // 2) * (w // 2)}
             S, H, D = T * (h // 2) * (w // 2), cfg["num_attention_heads"], cfg["attention_head_dim"]
-            reasons = get_backend(name).supports(Problem(
+            reasons = get_backend(name).not_supported_reasons(Problem(
                 device.type, dtype, args.batch, S, H, H, D, T=T, P=S // T, device_index=device.index,
                 compute_capability=compute_capability(device) if device.type == "cuda" else None))
             if reasons:

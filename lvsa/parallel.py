@@ -29,14 +29,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import ContextParallelError
+
 MODES = ("auto", "ulysses", "sequence")
 #: process-group backend per device kind
 PG_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 _ERROR_KEY = "lvsa/failed"
 
 
-class ContextParallelError(RuntimeError):
-    """A context-parallel run cannot go on: bad split, disagreeing ranks, a failed rank."""
 
 
 # --------------------------------------------------------------- process group
@@ -86,7 +86,7 @@ class DistInfo:
 
 def _timeout(config=None) -> datetime.timedelta:
     if config is None:
-        from .api import current_config
+        from .config import current_config
         config = current_config()
     return datetime.timedelta(seconds=float(config.dist_timeout))
 
@@ -195,7 +195,7 @@ def command_session(device_kind: Optional[str] = None, config=None) -> Iterator[
     """
     with distributed(device_kind, config) as info:
         if config is None:
-            from .api import current_config
+            from .config import current_config
             config = current_config()
         if not info.active or info.is_main or config.log_all_ranks:
             yield info

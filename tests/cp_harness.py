@@ -65,8 +65,7 @@ def _worker(rank, world, port, fn, args, env, queue, dist_timeout):
     sys.stderr = captured
     payload: Dict[str, Any] = {"rank": rank}
     try:
-        from lvsa import api, parallel
-        api._config_for.cache_clear()  # the environment changed after the fork
+        from lvsa import parallel  # (lvsa's config is cached per LVSA_* environment: env above is seen)
         store = dist.TCPStore("127.0.0.1", port, world, is_master=(rank == 0),
                               timeout=datetime.timedelta(seconds=30))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,

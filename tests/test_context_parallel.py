@@ -261,7 +261,7 @@ def test_ranks_that_disagree_on_the_step_raise_under_lvsa_check():
 
 
 def test_context_parallel_without_a_process_group_says_how_to_launch():
-    from lvsa.parallel import ContextParallelError
+    from lvsa.errors import ContextParallelError
 
     tr = _wan_transformer(heads=2)
     with pytest.raises(ContextParallelError, match="torchrun"):

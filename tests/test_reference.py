@@ -166,4 +166,4 @@ def test_query_rows_are_checked_and_refused_by_backends_without_them():
     with pytest.raises(LVSAInputError, match="q_rows"):
         lvsa.attention(q[:, :5], k, v, mask, q_rows=(0, 6))
     problem = Problem.from_tensors(q[:, :6], k, mask, q_rows=(0, 6))
-    assert problem.seq_len == 24 and any("query rows" in r for r in Backend().supports(problem))
+    assert problem.seq_len == 24 and any("query rows" in r for r in Backend().not_supported_reasons(problem))

@@ -46,26 +46,29 @@ class ReferenceBackend(Backend):
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     supports_q_rows = True
     description = "torch SDPA per frame group; exact; any device (oracle and last fallback)"
+    #: the last resort of automatic selection on every device
+    priority = {d: 0 for d in devices}
+    tolerances = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+                  torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
     def plan(self, mask, problem):
         """Frame groups with their key-frame index tensors on the problem's device."""
-        device = None
-        if problem is not None and problem.device_kind != "cpu":
-            device = f"{problem.device_kind}:{problem.device_index or 0}"
-        groups = mask.cached(("reference-groups", device), lambda: [
-            (a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)])
+        device = None if problem is None else problem.device
+        groups = [(a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)]
         if problem is not None and problem.q_rows is not None:
             return RowsPlan(groups, *problem.q_rows)
         return groups
 
-    def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
+    def run(self, plan, q, k, v, text_k=None, text_v=None, scale=None):
         """Every frame group: SDPA of its query rows (those ``q`` holds: all of them, or
         ``[lo, hi)`` with a :class:`RowsPlan`) over the group's attended K/V (+ text)."""
-        if isinstance(handle, RowsPlan):
-            groups, lo, hi = handle.groups, handle.lo, handle.hi
+        if isinstance(plan, RowsPlan):
+            groups, lo, hi = plan.groups, plan.lo, plan.hi
+        elif isinstance(plan, list):
+            groups, lo, hi = plan, 0, q.shape[1]
         else:
-            groups = handle if isinstance(handle, list) else self.plan(handle, None)
-            lo, hi = 0, q.shape[1]
+            raise TypeError(f"reference.run() takes the plan from reference.plan(mask, problem), "
+                            f"got {type(plan).__name__}")
         B, _, H, D = q.shape
         S, Hkv = k.shape[1], k.shape[2]
         T = groups[-1][1] + 1
