@@ -170,6 +170,8 @@ def distributed(device_kind: Optional[str] = None, config=None) -> Iterator[Dist
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     elif kind == "npu":
+        import torch_npu  # noqa: F401  (registers torch.npu and the hccl backend)
+
         device = torch.device("npu", local)
         torch.npu.set_device(device)  # type: ignore[attr-defined]
     kw = {"device_id": device} if kind == "cuda" else {}
