@@ -110,7 +110,10 @@ def test_log_all_ranks_prefixes_every_rank(wan):
 
 
 def _transformer_case(rank, world, tr, inputs, mode):
-    return _forward(tr, inputs, context_parallel=mode)
+    out = _forward(tr, inputs, context_parallel=mode)
+    # lvsa.disable removed every split/gather hook it installed
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in tr.modules())
+    return out
 
 
 def test_ulysses_w3_wan_transformer():
