@@ -177,12 +177,16 @@ def _diffusers_cp(pipe, **cp_kwargs):
     pipe.transformer.enable_parallelism(config=ContextParallelConfig(**cp_kwargs))
 
 
-def test_wan_through_diffusers_enable_parallelism(wan):
+@pytest.mark.parametrize("lvsa_first", [False, True])
+def test_wan_through_diffusers_enable_parallelism(wan, lvsa_first):
     pipe, base = wan
 
     def case(rank, world):
+        if lvsa_first:
+            integrations.enable(pipe)
         _diffusers_cp(pipe, ulysses_degree=world)
-        integrations.enable(pipe)  # no context_parallel argument: diffusers' Ulysses group is used
+        if not lvsa_first:
+            integrations.enable(pipe)  # no context_parallel argument: diffusers' Ulysses group is used
         with EventRecorder() as rec:
             out = tiny.run_latent(pipe, "wan", num_inference_steps=STEPS)
         return out, [e["reason"] for e in rec.of("fallback")], integrations.last_summary(pipe)
