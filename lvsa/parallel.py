@@ -37,8 +37,6 @@ PG_BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 _ERROR_KEY = "lvsa/failed"
 
 
-
-
 # --------------------------------------------------------------- process group
 def _dist():
     import torch.distributed as dist
