@@ -222,7 +222,7 @@ class Engine:
         else:
             from .dispatch import run_attention
             out, backend_name, _ = run_attention(q, k, v, mask, text_k, text_v, scale,
-                                                         config=self.config, origin=origin,
+                                                 config=self.config, origin=origin,
                                                  validated=True, record=self.counts, q_rows=q_rows)
         if "engaged" not in g["announced"]:
             g["announced"].add("engaged")

@@ -54,6 +54,11 @@ def global_rank() -> int:
     return _dist().get_rank() if is_initialized() else 0
 
 
+def group_world_size() -> int:
+    """Ranks in the default group (1 without one)."""
+    return _dist().get_world_size() if is_initialized() else 1
+
+
 def env_world_size() -> int:
     """``WORLD_SIZE`` as ``torchrun`` sets it (1 when not launched by it)."""
     try:

@@ -141,8 +141,10 @@ class ProcessorBase:
         """Video-only self-attention of local shards ``[B, S/w, H, D]`` under context
         parallelism; returns the local output ``[B, S/w, H, D]`` (exact)."""
         self.cp_check(cp, q.shape[1] * cp.world_size)
-        return cp.attention(lambda q_, k_, v_, tk, tv, rows: self.engine.attention(q_, k_, v_, tk, tv, q_rows=rows),
-                            q, k, v)
+
+        def attend(q_, k_, v_, text_k, text_v, rows):
+            return self.engine.attention(q_, k_, v_, text_k, text_v, q_rows=rows)
+        return cp.attention(attend, q, k, v)
 
     def refuse_under_cp(self, cp, reason: str):
         """lvsa's own hooks shard the sequence: the original processor would attend only
@@ -207,11 +209,11 @@ class LVSAState:
         mode = self.engine.config.context_parallel
         if mode == "off":
             return None
-        from ..parallel import ContextParallel, is_initialized
+        from ..parallel import ContextParallel, group_world_size, is_initialized
         if not self.adapter.cp_plan:
             raise TypeError(f"lvsa has no context-parallel plan for {self.adapter.family}")
-        if is_initialized() and __import__("torch").distributed.get_world_size() == 1:
-            return None
+        if is_initialized() and group_world_size() == 1:
+            return None  # one rank: nothing to split
         return ContextParallel(group=None, mode=mode)
 
     def uninstall(self):
