@@ -120,6 +120,8 @@ class Engine:
         self._step_t0 = None
         self._calls_in_step = 0
         if announce:
+            from .dispatch import check_environment
+            check_environment()
             telemetry.new_generation()
 
     def set_step(self, step: int):

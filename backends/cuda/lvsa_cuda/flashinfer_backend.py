@@ -51,7 +51,7 @@ _workspaces = {}
 WORKSPACE_SETTING = Setting(
     "LVSA_FLASHINFER_WORKSPACE_MB", p_int(1), DEFAULT_WORKSPACE_MB,
     "MiB of the one float workspace per device shared by every flashinfer plan",
-    owner="flashinfer (lvsa-cuda)")
+    owner="lvsa-cuda: flashinfer")
 
 
 def workspace(device: torch.device) -> torch.Tensor:

@@ -150,7 +150,7 @@ def _parse_setting(var, value):
 CONFIG_SETTING = Setting(
     "LVSA_TRITON_CONFIG", _parse_setting, None,
     "triton kernel tiling 'BLOCK_M,BLOCK_N,num_warps,num_stages[,mode]' (mode: "
-    + "/".join(MODES) + "); default by head_dim and GPU", owner="triton (lvsa-cuda)")
+    + "/".join(MODES) + "); default by head_dim and GPU", owner="lvsa-cuda: triton")
 
 
 def choose_config(head_dim: int, compute_capability: Optional[Tuple[int, int]] = None
