@@ -202,18 +202,20 @@ def check_output(backend, out, q, k, v, text_k=None, text_v=None) -> None:
 
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
                   backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
-                  validated: bool = False, record: Optional[telemetry.Counts] = None):
+                  validated: bool = False, record: Optional[telemetry.Counts] = None, q_rows=None):
     """Validate, select, plan (cached) and run; the single fallback decision point.
 
     ``record``: the generation's :class:`~lvsa.telemetry.Counts` (the engine's), counted
-    together with the session. Returns ``(out, backend_name, fell_back)``.
+    together with the session. ``q_rows=(lo, hi)``: ``q`` holds only query rows ``[lo, hi)``
+    of the sequence (sequence parallelism); backends without ``supports_q_rows`` are passed
+    over (or refuse, when named explicitly). Returns ``(out, backend_name, fell_back)``.
     """
     from .ops import validate_inputs
 
     config = config or current_config()
     if not validated:
-        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check)
-    problem = Problem.from_tensors(q, k, mask, text_k)
+        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check, q_rows=q_rows)
+    problem = Problem.from_tensors(q, k, mask, text_k, q_rows)
     sel = select_backend(problem, backend, config)
     try:
         handle = plan_for(sel.backend, mask, problem)
@@ -233,7 +235,7 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         _runtime_failures[(problem, sel.name)] = msg
         _selection_cache.clear()
         telemetry.fallback(origin, "backend_error",
-                           q.shape[1] + (0 if text_k is None else text_k.shape[1]), record,
+                           k.shape[1] + (0 if text_k is None else text_k.shape[1]), record,
                            warn=config.warn_fallback, backend=sel.name, error=repr(msg),
                            to="reference")
         ref = plugins.get_backend("reference")
