@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device call that produced cp-check-h200x2-early.*: the cp branch at 66cf064^ (snapshot in .gpu/repo),
+# The device call that produced cp-check-h200x2-early.*: the cp branch at 15fea0e (git archive into .gpu/repo),
 # run on nvidia-h200-x2 with .gpu and .whl carried: `bash .gpu/call1.sh`
 # early CP check on 2 H200s: cp branch snapshot in .gpu/repo, wheels in .whl
 set -uo pipefail
