@@ -11,7 +11,10 @@ everything the core needs to know about it:
 * the ``LVSA_*`` variables it reads (:attr:`~Backend.settings`, listed by
   ``lvsa info --vars`` and validated like lvsa's own);
 * the tolerances its outputs meet against float64 attention (:attr:`~Backend.tolerances`,
-  checked by the conformance suite :mod:`lvsa.testing`).
+  checked by the conformance suite :mod:`lvsa.testing`);
+* whether its first use compiles kernels (:attr:`~Backend.compiles`) and whether that
+  compile is already cached for a problem (:meth:`~Backend.compile_cached`): the
+  dispatcher announces a compile and auto selection avoids waiting on one for a tiny run.
 
 :meth:`Backend.not_supported_reasons` turns the declarations into a list of reasons
 (empty = can run), each naming the actual and the allowed value. Execution is strictly
@@ -145,6 +148,10 @@ class Backend:
     distribution: str = "?"
     distribution_version: str = "?"
 
+    #: its first use for a new kind of problem compiles kernels (JIT): the dispatcher prints
+    #: ``[LVSA] compiling ...`` / ``... compiled in N.Ns`` and ``lvsa warmup`` builds ahead
+    compiles: bool = False
+
     #: the rank of a backend that declares no :attr:`priority` (above the reference's 0)
     DEFAULT_PRIORITY = 10
 
@@ -221,6 +228,54 @@ class Backend:
     def extra_reasons(self, problem: Problem) -> Iterable[str]:
         """Backend-specific refusals (override)."""
         return ()
+
+    # ------------------------------------------------------------ compilation
+    def compile_key(self, problem: Problem) -> str:
+        """What its compiled kernels are specialised on (one compile per distinct key):
+        by default dtype, head dim, text or not, GQA or not."""
+        return (f"{str(problem.dtype).replace('torch.', '')} head_dim={problem.head_dim}"
+                + (" +text" if problem.text_len else "") + (" gqa" if problem.gqa else ""))
+
+    def compile_cache_dir(self) -> Optional[str]:
+        """The directory its compiler caches into (``None``: no on-disk cache known). lvsa
+        leaves a marker there per :meth:`compile_key` once a compile succeeded, so clearing
+        that cache also forgets the marker."""
+        return None
+
+    def _marker(self, problem: Problem) -> Optional[str]:
+        import os
+        import re
+
+        d = self.compile_cache_dir()
+        if not d:
+            return None
+        slug = re.sub(r"[^A-Za-z0-9=.+-]+", "_", f"{self.name}-{self.compile_key(problem)}")
+        return os.path.join(d, "lvsa-compiled", slug)
+
+    def compile_cached(self, problem: Problem) -> Optional[bool]:
+        """Whether the kernels for ``problem`` are compiled and cached on disk: ``True``,
+        ``False``, or ``None`` when it cannot tell. Backends that do not compile: ``True``."""
+        if not self.compiles:
+            return True
+        import os
+
+        marker = self._marker(problem)
+        return None if marker is None else os.path.exists(marker)
+
+    def mark_compiled(self, problem: Problem) -> None:
+        """Record that the kernels for ``problem`` compiled (called by the dispatcher after
+        a first run succeeded; best effort)."""
+        import os
+
+        marker = self._marker(problem) if self.compiles else None
+        if marker is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker, "w") as fh:
+                fh.write(f"{self.distribution} {self.distribution_version}\n")
+        except OSError:
+            pass
 
     # ------------------------------------------------------------- execution
     def plan(self, mask: BlockMask, problem: Problem) -> Any:

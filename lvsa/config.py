@@ -110,6 +110,13 @@ def _p_backend(var, value):
     return s
 
 
+def _p_opt_path(var, value):
+    if value is None:
+        return None
+    s = str(value).strip()
+    return os.path.expanduser(s) if s else None
+
+
 def _p_choice(var, value, choices):
     s = str(value).strip().lower()
     if s not in choices:
@@ -216,6 +223,12 @@ class Config:
                              "seconds a rank waits in a collective before the run ends with an error")
     log_all_ranks: bool = _f(False, _p_bool, "LVSA_LOG_ALL_RANKS",
                              "every rank prints [LVSA] lines, prefixed with its rank (default: rank 0 only)")
+
+    autotune: bool = _f(False, _p_bool, "LVSA_AUTOTUNE",
+                        "auto selection: time each able backend once (short probe) for a device/shape "
+                        "class the shipped cost table lacks; results cached on disk")
+    cost_cache: Optional[str] = _f(None, _p_opt_path, "LVSA_COST_CACHE",
+                                   "file of cached probe results (default ~/.cache/lvsa/probe-costs.json)")
 
     # -------------------------------------------------------------- loading
     @classmethod

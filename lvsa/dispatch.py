@@ -5,11 +5,21 @@ Selection precedence (highest first; documented in the README):
 1. the ``backend=`` argument of :func:`lvsa.attention` / ``lvsa.enable`` / ``--backend``
 2. the innermost :func:`use_backend` context manager
 3. ``LVSA_BACKEND`` (or ``LVSA_CONFIG``'s ``backend``)
-4. ``auto``: the registered backends ranked for the device kind (each declares its
-   :attr:`~lvsa.backend.Backend.priority`; highest first, ties by name) are tried in
-   turn; the first that supports the problem runs, every earlier refusal is recorded
-   with its reasons. The core names no backend but the built-in ``reference`` (rank 0
+4. ``auto``: every registered backend that can run the problem (each refusal is
+   recorded with its reasons) is a candidate; the cheapest one for this device and
+   :class:`~lvsa.costs.ShapeClass` (mask density, heads, head dim, text) runs, by
+   (a) the shipped cost table of the device (:mod:`lvsa.costs`), else (b) with
+   ``LVSA_AUTOTUNE=1`` a short timed probe of each candidate on the first call of the
+   class (cached on disk, ``LVSA_COST_CACHE``), else (c) the declared rank
+   (:attr:`~lvsa.backend.Backend.priority`; highest first, ties by name). A backend that
+   compiles and whose compile is not cached is passed over for a small problem
+   (:data:`SMALL_FLOPS`) when a ready candidate exists. :attr:`Selection.why` says which
+   rule decided. The core names no backend but the built-in ``reference`` (rank 0
    everywhere: the last resort).
+
+A compiling backend's first use for a :meth:`~lvsa.backend.Backend.compile_key` prints
+``[LVSA] compiling <backend> for <key>...`` and ``[LVSA] <backend> for <key> compiled in
+N.Ns`` (``compile`` / ``compiled`` events).
 
 A backend named explicitly (1–3) that cannot run raises :class:`BackendUnavailable`
 listing its reasons: never a quiet substitute. A backend's output is checked (shape,
@@ -24,13 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from . import plugins, telemetry
+from . import costs, plugins, telemetry
 from .backend import Problem
 from .config import current_config
 from .errors import BackendOutputError, BackendUnavailable, UnknownBackend  # noqa: F401
@@ -55,6 +66,10 @@ class Selection:
     source: str  # "argument" | "context" | "LVSA_BACKEND" | "LVSA_CONFIG" | "auto"
     auto: bool
     refused: Dict[str, List[str]] = field(default_factory=dict)
+    #: why auto chose it: the cost table row, the probe result or the rank
+    why: str = ""
+    #: the shape class auto compared costs for
+    shape: Optional[costs.ShapeClass] = None
 
     @property
     def name(self) -> str:
@@ -97,12 +112,106 @@ def explain(problem: Problem) -> Dict[str, List[str]]:
 _selection_cache: Dict[tuple, Selection] = {}
 #: (problem, backend name) -> the error it raised; auto selection skips it from then on
 _runtime_failures: Dict[tuple, str] = {}
+#: (backend name, compile key) compiled in this process
+_compiled: set = set()
+#: (backend name, compile key) -> seconds its first use took (compile included), this process
+_compile_seconds: Dict[tuple, float] = {}
 
 
-def select_backend(problem: Problem, requested: Optional[str] = None, config=None) -> Selection:
+def compile_times() -> Dict[tuple, float]:
+    """``(backend, compile key) -> seconds`` of every first use of a compiling backend in
+    this process (benchmarks record them as cold-start seconds)."""
+    return dict(_compile_seconds)
+
+#: a problem below this many FLOPs (:func:`problem_flops`) is small: auto selection does
+#: not make it wait on a backend's first compile when another candidate is ready
+SMALL_FLOPS = 2e11
+#: timed calls per candidate in an ``LVSA_AUTOTUNE`` probe (after one untimed call)
+PROBE_ITERS = 2
+
+
+def problem_flops(problem: Problem, density: Optional[float] = None) -> float:
+    """FLOPs of one call: ``4 * B * H * query rows * attended keys * D``."""
+    rows = problem.seq_len if problem.q_rows is None else problem.q_rows[1] - problem.q_rows[0]
+    keys = problem.seq_len * (1.0 if density is None else density) + problem.text_len
+    return 4.0 * problem.batch * problem.num_heads * rows * keys * problem.head_dim
+
+
+def compile_ready(backend, problem: Problem) -> bool:
+    """``backend`` runs ``problem`` without compiling first (it does not compile, compiled
+    in this process, or its compile cache holds the kernels)."""
+    if not backend.compiles or (backend.name, backend.compile_key(problem)) in _compiled:
+        return True
+    try:
+        return backend.compile_cached(problem) is True
+    except Exception:  # noqa: BLE001 - a cache probe must not break selection
+        return False
+
+
+def _device_name(problem: Problem) -> str:
+    return costs.device_name(problem.device) if problem.device is not None else problem.device_kind
+
+
+def rank_by_cost(problem: Problem, cls: costs.ShapeClass, cands: List[str], config,
+                 probe=None) -> Tuple[List[str], str]:
+    """``cands`` (in declared rank order) best first, and why: by the device's shipped
+    cost table row for ``cls``; else with ``config.autotune`` by the cached probe, or by
+    calling ``probe(cands) -> (ms, errors)`` and caching its result; else by rank."""
+    dev = _device_name(problem)
+    if len(cands) == 1:
+        return list(cands), f"the only backend able to run it ({dev}, {cls})"
+    row = costs.table_row(dev, cls) if cls.density != "?" else None
+    note = ""
+    if row is not None:
+        measured = [c for c in cands if c in row["costs"]]
+        if measured and cands[0] in row["costs"]:
+            order = sorted(measured, key=lambda c: row["costs"][c]) + [c for c in cands if c not in measured]
+            return order, (f"cost table {row['table']} ({dev}, {cls}): "
+                           + ", ".join(f"{c} {row['costs'][c]:.3f}" for c in measured) + " x dense time")
+        note = f"; cost table row for {cls} lacks {cands[0]}"
+    if config.autotune and cls.density != "?":
+        cache = costs.ProbeCache(config.cost_cache)
+        try:
+            entry = cache.get(dev, cls)
+            if (entry is None or not all(c in entry["ms"] or c in entry["errors"] for c in cands)) \
+                    and probe is not None:
+                ms, errors = probe(cands)
+                entry = cache.put(dev, cls, ms, errors, problem=_describe(problem))
+        except (OSError, ValueError) as e:
+            telemetry.emit("warning", message=f"LVSA_AUTOTUNE: probe cache unusable ({e}); "
+                                              "selecting by rank")
+            entry = None
+        if entry is not None:
+            timed = [c for c in cands if c in entry["ms"]]
+            if timed:
+                order = sorted(timed, key=lambda c: entry["ms"][c]) + [c for c in cands if c not in timed]
+                why = (f"probe ({cache.path}, {dev}, {cls}): "
+                       + ", ".join(f"{c} {entry['ms'][c]:.3g} ms" for c in timed))
+                failed = [c for c in cands if c in entry["errors"]]
+                return order, why + (f"; failed in the probe: {', '.join(failed)}" if failed else "")
+        note += "; probe pending (the first call of this class probes)"
+    elif cls.density != "?" and row is None:
+        note += "; LVSA_AUTOTUNE=1 would probe"
+    return list(cands), f"declared rank (no cost table row for {dev}, {cls}{note})"
+
+
+def _describe(problem: Problem) -> str:
+    return (f"{problem.device_kind} {str(problem.dtype).replace('torch.', '')} B={problem.batch} "
+            f"T={problem.T} P={problem.P} H={problem.num_heads}/{problem.num_kv_heads} "
+            f"D={problem.head_dim} text={problem.text_len}")
+
+
+def select_backend(problem: Problem, requested: Optional[str] = None, config=None,
+                   density: Optional[float] = None, probe=None) -> Selection:
+    """The backend for ``problem`` (see the module docstring). ``density``: the mask's
+    (it picks the cost table row); ``probe``: a callable timing candidates on the real
+    inputs for ``LVSA_AUTOTUNE`` (:func:`run_attention` passes one)."""
     name, source = requested_backend(requested, config)
+    if config is None:
+        config = current_config()
     plugins.plugin_manager()
-    key = (problem, name, source, plugins.generation())
+    cls = costs.shape_class(problem.num_heads, problem.head_dim, problem.text_len, density)
+    key = (problem, cls, name, source, plugins.generation(), config.autotune, config.cost_cache)
     hit = _selection_cache.get(key)
     if hit is not None:
         return hit
@@ -115,28 +224,38 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
                 f"({problem.device_kind}, {str(problem.dtype).replace('torch.', '')}, "
                 f"head_dim={problem.head_dim}): " + "; ".join(reasons)
                 + ". Pick another backend or unset the selection to use auto.", {name: reasons})
-        sel = Selection(bk, source, False)
+        sel = Selection(bk, source, False, why=f"named by {source}", shape=cls)
     else:
         refused: Dict[str, List[str]] = {}
         bks = plugins.backends()
-        sel = None
+        cands = []
         for cand in auto_order(problem.device_kind):
-            bk = bks[cand]
-            reasons = bk.not_supported_reasons(problem)
+            reasons = bks[cand].not_supported_reasons(problem)
             failed = _runtime_failures.get((problem, cand))
             if failed:
                 reasons = reasons + [f"raised at run time on this problem: {failed}"]
             if reasons:
                 refused[cand] = reasons
-                continue
-            sel = Selection(bk, "auto", True, refused)
-            break
-        if sel is None:
+            else:
+                cands.append(cand)
+        if not cands:
             raise BackendUnavailable(
                 "no backend can run this problem: " + "; ".join(
                     f"{n}: {', '.join(r)}" for n, r in refused.items()), refused)
+        order, why = rank_by_cost(problem, cls, cands, config, probe)
+        best = order[0]
+        if not compile_ready(bks[best], problem):
+            flops = problem_flops(problem, density)
+            ready = [c for c in order if compile_ready(bks[c], problem)]
+            if ready and flops < SMALL_FLOPS:
+                why += (f"; {best} passed over: its compile for {bks[best].compile_key(problem)} is not "
+                        f"cached and this is a small run ({flops:.2g} FLOP < {SMALL_FLOPS:.2g}); "
+                        f"{ready[0]} is ready (`lvsa warmup` builds {best} ahead)")
+                best = ready[0]
+        sel = Selection(bks[best], "auto", True, refused, why, cls)
         telemetry.emit("selection", backend=sel.name, device=problem.device_kind,
-                       refused={k: v for k, v in refused.items()})
+                       refused={k: v for k, v in refused.items()},
+                       why=why if len(cands) > 1 else "", shape=str(cls))  # one candidate: no choice
     _selection_cache[key] = sel
     return sel
 
@@ -200,6 +319,61 @@ def check_output(backend, out, q, k, v, text_k=None, text_v=None) -> None:
                 f"backend is at fault, not the model", backend.name)
 
 
+@functools.lru_cache(maxsize=1024)
+def _density(mask: BlockMask) -> float:
+    return mask.density()
+
+
+def _run(backend, mask: BlockMask, problem: Problem, args):
+    """Plan (cached) and run; a compiling backend's first use of a compile key is announced
+    (``compile``/``compiled`` events) and timed, plan and kernel build included."""
+    first = backend.compiles and (backend.name, backend.compile_key(problem)) not in _compiled
+    if not first:
+        return backend.run(plan_for(backend, mask, problem), *args)
+    what = backend.compile_key(problem)
+    cached = compile_ready(backend, problem)
+    if not cached:
+        telemetry.emit("compile", backend=backend.name, shape=what)
+    t = time.perf_counter()
+    out = backend.run(plan_for(backend, mask, problem), *args)
+    from .devices import synchronize
+
+    synchronize(args[0].device)
+    seconds = time.perf_counter() - t
+    if not cached:
+        telemetry.emit("compiled", backend=backend.name, shape=what, seconds=seconds)
+    backend.mark_compiled(problem)
+    _compiled.add((backend.name, what))
+    _compile_seconds[(backend.name, what)] = seconds
+    _selection_cache.clear()  # a small run may now take it
+    return out
+
+
+def _probe(names: List[str], mask: BlockMask, problem: Problem, args) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """``LVSA_AUTOTUNE``: each candidate once untimed (compiles, announced), then
+    :data:`PROBE_ITERS` timed calls on the real inputs; ``(ms by backend, errors)``."""
+    from .devices import synchronize
+
+    bks = plugins.backends()
+    ms, errors = {}, {}
+    dev = args[0].device
+    for name in names:
+        bk = bks[name]
+        try:
+            _run(bk, mask, problem, args)
+            handle = plan_for(bk, mask, problem)
+            synchronize(dev)
+            t = time.perf_counter()
+            for _ in range(PROBE_ITERS):
+                bk.run(handle, *args)
+            synchronize(dev)
+            ms[name] = (time.perf_counter() - t) / PROBE_ITERS * 1e3
+        except Exception as e:  # noqa: BLE001 - recorded; selection passes it over
+            errors[name] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    telemetry.emit("probe", device=_device_name(problem), ms=ms, errors=errors)
+    return ms, errors
+
+
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
                   backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
                   validated: bool = False, record: Optional[telemetry.Counts] = None, q_rows=None):
@@ -216,10 +390,11 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
     if not validated:
         validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check, q_rows=q_rows)
     problem = Problem.from_tensors(q, k, mask, text_k, q_rows)
-    sel = select_backend(problem, backend, config)
+    args = (q, k, v, text_k, text_v, scale)
+    sel = select_backend(problem, backend, config, density=_density(mask),
+                         probe=lambda names: _probe(names, mask, problem, args))
     try:
-        handle = plan_for(sel.backend, mask, problem)
-        out = sel.backend.run(handle, q, k, v, text_k, text_v, scale)
+        out = _run(sel.backend, mask, problem, args)
         key = (problem, sel.backend)
         if config.check or key not in _verified:
             check_output(sel.backend, out, q, k, v, text_k, text_v)
@@ -308,6 +483,9 @@ def check_requested(device=None, dtype=None, head_dim: int = 128, num_heads: int
 def clear_caches():
     _selection_cache.clear()
     _runtime_failures.clear()
+    _compiled.clear()
+    _compile_seconds.clear()
+    _density.cache_clear()
     _verified.clear()
     with _plans_lock:
         _plans.clear()

@@ -18,7 +18,9 @@ from .hookspecs import hookimpl
 #: event kind → the fields that make its line distinct (printed once per process)
 PRINT_ONCE = {
     "fallback": ("origin", "reason", "seq_len"),
-    "selection": ("backend", "device"),
+    "selection": ("backend", "device", "shape"),
+    "compile": ("backend", "shape"),
+    "compiled": ("backend", "shape"),
     "warning": ("message",),
     "plugin_error": ("plugin", "error"),
 }
@@ -105,6 +107,13 @@ class DefaultSink:
             refused = "; ".join(f"{n}: {', '.join(r)}" for n, r in f["refused"].items())
             self._print(f"[LVSA] backend={f['backend']} (auto on {f['device']})"
                         + (f" refused: {refused}" if refused else ""))
+            if f.get("why"):
+                self._print(f"[LVSA] auto chose {f['backend']} by {f['why']}")
+        elif k == "compile":
+            self._print(f"[LVSA] compiling {f['backend']} for {f['shape']}... (first use; "
+                        "`lvsa warmup` builds it ahead)")
+        elif k == "compiled":
+            self._print(f"[LVSA] {f['backend']} for {f['shape']} compiled in {f['seconds']:.1f}s")
         elif k == "mask":
             self._print(f"[LVSA-MASK] step={f['step']} offset={f['offset']} sparsity={f['sparsity']:.3f}\n"
                         + f["picture"])

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lvsa"
 LAYERS = {
     "data": ["lvsa._version", "lvsa.errors", "lvsa.events", "lvsa.geometry", "lvsa.mask", "lvsa.presets",
              "lvsa.schedule", "lvsa.config", "lvsa.devices", "lvsa.npu_smi", "lvsa.ops",
-             "lvsa.hookspecs", "lvsa.backend"],
+             "lvsa.hookspecs", "lvsa.backend", "lvsa.costs"],
     "mechanisms": ["lvsa.backends", "lvsa.backends.reference", "lvsa.sink", "lvsa.plugins",
                    "lvsa.telemetry", "lvsa.dispatch", "lvsa.api"],
     "runtime": ["lvsa.engine", "lvsa.parallel"],
@@ -160,7 +160,7 @@ def test_no_module_imports_a_later_layer():
 
 
 @pytest.mark.parametrize("core", ["lvsa.dispatch", "lvsa.plugins", "lvsa.telemetry", "lvsa.api",
-                                  "lvsa.config"])
+                                  "lvsa.config", "lvsa.costs"])
 def test_core_modules_name_no_backend_distribution(core):
     """The core names no backend but the built-in reference."""
     src = (ROOT / (core.split(".", 1)[1] + ".py")).read_text()

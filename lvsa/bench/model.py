@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import dispatch
 from . import common
 from .specs import FULL, QUICK, SPECS, ModelSpec, get_spec, spec_from_dir
 
@@ -337,11 +338,16 @@ def run_variant(ctx: Context, variant: str, T: int, inputs, kernel_order, cp: Op
         with installed(ctx, variant, T, cp, diffusers_cp) as engine, \
                 dense_kernel(kernel_order if variant == "dense" else None):
             t0 = time.perf_counter()
+            compiled_before = dispatch.compile_times()
             with time_self_attention(timer, local_tokens, engine), one_block(ctx.tr, ctx.spec):
                 for _ in range(args.warmup):
                     ctx.forward(inputs)
             common.synchronize(ctx.device)
             res["warmup_s"] = time.perf_counter() - t0
+            cold = {f"{b} {key}": s for (b, key), s in dispatch.compile_times().items()
+                    if (b, key) not in compiled_before}
+            if cold:  # first use of a compiling backend in this process: its cold start
+                res["cold_start_s"] = cold
             samples, attn = [], []
             mem = common.MemoryPeak(ctx.device)
             t_start = time.perf_counter()
@@ -570,6 +576,11 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     if saved:
         lines += ["", "Dense ran out of memory where lvsa did not: " + "; ".join(
             f"{rec['title']} T{rec['T']} B{rec['batch']} ({n})" for rec, n in saved) + "."]
+    cold = [f"{rec['title']} T{rec['T']} B{rec['batch']} {k} {s:.1f}s" for rec in records
+            for r in rec["variants"].values() for k, s in r.get("cold_start_s", {}).items()]
+    if cold:
+        lines += ["", "Cold starts (first use of a compiling backend in the process, compile included): "
+                  + "; ".join(cold) + "."]
     if na:
         lines += ["", "Not available:"] + [f"- {x}" for x in na]
     if errs:

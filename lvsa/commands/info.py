@@ -48,7 +48,9 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
     problem = Problem(device_kind=kind, dtype=getattr(torch, dtype), batch=1, seq_len=81 * 1560,
                       num_heads=12, num_kv_heads=12, head_dim=head_dim, text_len=0, T=81, P=1560,
                       compute_capability=dev.compute_capability, device_index=dev.index)
-    info["problem"] = f"{kind} {dtype} B=1 T=81 P=1560 H=12 D={head_dim}"
+    density = _typical_density(81)
+    info["problem"] = f"{kind} {dtype} B=1 T=81 P=1560 H=12 D={head_dim} density={density:.3f}"
+    info["problem_density"] = density
     # the diagnostic never crashes: a registry that cannot load (two backends with one
     # name) is shown with the distributions involved instead of raised
     clash = plugins.name_clash()
@@ -64,12 +66,16 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
             rows.append({"name": name, "distribution": bk.distribution,
                          "version": bk.distribution_version,
                          "available": not r, "reasons": r, "auto_rank": bk.auto_rank(kind),
+                         "compiles": bool(bk.compiles),
+                         "compile_cached": dispatch.compile_ready(bk, problem) if bk.compiles else None,
                          "description": bk.description})
         info["auto_order"] = dispatch.auto_order(kind)
         try:
-            sel = dispatch.select_backend(problem)
+            sel = dispatch.select_backend(problem, density=density)
             info["auto_selects"] = sel.name
             info["selection_source"] = sel.source
+            info["selection_why"] = sel.why
+            info["shape_class"] = str(sel.shape)
         except Exception as e:  # noqa: BLE001 - shown to the user
             info["auto_selects"] = None
             info["selection_error"] = str(e)
@@ -89,6 +95,21 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
         info["settings"] = {}
         info["settings_error"] = str(e)
     return info
+
+
+def _typical_density(T: int) -> float:
+    """Mask density of the configured schedule (Wan's reference horizon) at ``T`` latent frames."""
+    from ..config import current_config
+    from ..schedule import plan_schedule
+
+    try:
+        cfg = current_config()
+    except ValueError:  # a bad LVSA_* value is reported below; use the defaults here
+        from ..config import Config
+        cfg = Config()
+    sched = plan_schedule(T, W=cfg.latent_window(), n=cfg.latent_first_frames(),
+                          reference=cfg.reference_for("wan"), scale=cfg.sparsity_scale)
+    return sched.mask(0).density()
 
 
 def cmd_info(args) -> int:
@@ -118,10 +139,16 @@ def cmd_info(args) -> int:
     for b in info["backends"]:
         src = f"{b['distribution']} {b['version']}" if b["distribution"] else "not installed"
         state = "available" if b["available"] else "unavailable"
+        if b.get("compiles") and b["available"]:
+            state += ", compiles on first use (" + ("cached" if b["compile_cached"] else
+                                                     "not cached: `lvsa warmup`") + ")"
         print(f"  {b['name']:<11} [{src}] {state}")
         for r in b["reasons"]:
             print(f"      - {r}")
-    print(f"auto order: {' > '.join(info['auto_order']) or '-'}; auto selects: {info['auto_selects']}")
+    print(f"auto order (declared rank): {' > '.join(info['auto_order']) or '-'}; "
+          f"auto selects: {info['auto_selects']}")
+    if info.get("selection_why"):
+        print(f"  chosen by {info['selection_why']}")
     print("  (backends of other distributions appear here once installed: see the README's "
           "Backends section)")
     if info.get("selection_error"):

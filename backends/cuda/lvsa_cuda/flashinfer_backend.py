@@ -116,6 +116,19 @@ def _import_error() -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def _flashinfer_version() -> str:
+    """The installed FlashInfer's version (a new version builds its kernels again)."""
+    from importlib import metadata
+
+    for dist in ("flashinfer-python", "flashinfer"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"
+
+
 @dataclass
 class FlashInferPlan:
     """A planned ``BlockSparseAttentionWrapper`` for one (mask, shape)."""
@@ -160,6 +173,20 @@ class FlashInferBackend(CudaBackend):
             if err:
                 r.append(f"flashinfer is installed but fails to import ({err})")
         return r
+
+    #: its first use per dtype/head dim JIT-builds the kernel (77-97 s on an H200)
+    compiles = True
+
+    def compile_key(self, problem) -> str:
+        return f"{super().compile_key(problem)} flashinfer {_flashinfer_version()}"
+
+    def compile_cache_dir(self):
+        """FlashInfer's JIT cache: ``$FLASHINFER_WORKSPACE_BASE/.cache/flashinfer``
+        (the base defaults to the home directory)."""
+        import os
+
+        return os.path.join(os.environ.get("FLASHINFER_WORKSPACE_BASE") or os.path.expanduser("~"),
+                            ".cache", "flashinfer")
 
     def extra_reasons(self, problem):
         if problem.T and problem.seq_len % problem.T:

@@ -569,6 +569,21 @@ class TritonBackend(CudaBackend):
     description = ("Triton block-sparse flash attention (frame CSR walked as one packed key "
                    "stream; text keys in the same softmax; GQA); compiles in seconds")
 
+    @property
+    def compiles(self) -> bool:
+        """Triton JIT-compiles each specialisation on first launch (not in the interpreter)."""
+        return not interpreting()
+
+    def compile_key(self, problem) -> str:
+        cc = problem.compute_capability
+        return super().compile_key(problem) + (f" sm_{cc[0]}{cc[1]}" if cc else "")
+
+    def compile_cache_dir(self):
+        """Triton's kernel cache: ``TRITON_CACHE_DIR``, else ``$TRITON_HOME/.triton/cache``
+        (``TRITON_HOME`` defaults to the home directory)."""
+        return os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+            os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+
     def plan(self, mask: BlockMask, problem) -> TritonPlan:
         device = problem.device
         if device.type == "cuda" and device.index is None:

@@ -1,0 +1,117 @@
+"""Derive lvsa's per-device cost table (``lvsa/data/costs-<device>.json``) from committed
+benchmark results.
+
+Each row is one shape class (:func:`lvsa.costs.shape_class`: mask density bucket, heads
+bucket, head dim, text or not) with, per backend, its attention time relative to dense
+cuDNN attention of the same shape (the median over every measured shape of the class;
+lower is faster). Sources, best first:
+
+* ``lvsa bench attention`` results (``attention-*.json``): kernel times of every backend
+  and of dense cuDNN at the same shape;
+* ``lvsa bench model`` results (``model-*.json``, one GPU): per-forward attention time of
+  each backend variant over the ``dense`` variant's, for the classes the attention
+  results do not cover.
+
+    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-final-*.json \
+        benchmarks/results/model-h200-final-*.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lvsa.costs import TABLE_FORMAT, shape_class  # noqa: E402
+
+#: benchmark result keys that are not lvsa backends
+NOT_BACKENDS = ("dense_cudnn", "dense_fa2")
+
+
+def from_attention(doc):
+    for r in doc["records"]:
+        dense = r["results"].get("dense_cudnn", {}).get("ms")
+        if not dense:
+            continue
+        cls = shape_class(r["heads"], r["D"], r.get("text", 0), r["density"])
+        for name, res in r["results"].items():
+            if name in NOT_BACKENDS or "[" in name or "ms" not in res:  # "triton[cfg]": a sweep
+                continue
+            yield cls, name, res["ms"] / dense, f"{r['shape']} B{r['batch']}"
+
+
+def from_model(doc):
+    for r in doc["records"]:
+        if r.get("dense_by_design") or r.get("world_size", 1) != 1:
+            continue
+        dense = r["variants"].get("dense", {}).get("attention_time_s")
+        if not dense:
+            continue
+        cls = shape_class(r["heads"], r["head_dim"], r.get("text_tokens", 0), r["mask_density"])
+        for name, v in r["variants"].items():
+            if name in ("dense", "diffusers") or "attention_time_s" not in v:
+                continue
+            yield cls, name, v["attention_time_s"] / dense, f"{r['model']} T{r['T']} B{r['batch']} (model)"
+
+
+def build(paths):
+    device = None
+    per_kind = {"attention": defaultdict(lambda: defaultdict(list)),
+                "model": defaultdict(lambda: defaultdict(list))}
+    shapes = defaultdict(set)
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        dev = doc["meta"]["device"]
+        if isinstance(dev, dict):  # lvsa bench attention
+            name = dev.get("name") or dev.get("torch_device")
+        else:  # lvsa bench model: "cuda:0", the name under device_before
+            name = doc["meta"].get("device_before", {}).get("torch_device", {}).get("name")
+        name = name or _name_from(doc)
+        if device is None:
+            device = name
+        elif name != device:
+            raise SystemExit(f"{p}: device {name!r}, expected {device!r} (one table per device)")
+        kind = "model" if "variants" in doc["records"][0] else "attention"
+        rows = from_model(doc) if kind == "model" else from_attention(doc)
+        for cls, backend, rel, shape in rows:
+            per_kind[kind][cls.key][backend].append(rel)
+            shapes[(kind, cls.key)].add(shape)
+    rows = {}
+    for kind in ("attention", "model"):  # attention kernels first; model rows only fill gaps
+        for key, by_backend in per_kind[kind].items():
+            if key in rows:
+                continue
+            rows[key] = {"costs": {b: round(statistics.median(v), 4) for b, v in sorted(by_backend.items())},
+                         "from": kind, "shapes": sorted(shapes[(kind, key)])}
+    return {"format": TABLE_FORMAT, "device": device,
+            "unit": "attention time / dense cuDNN attention time, same shape (lower is faster)",
+            "sources": [str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else str(p) for p in paths],
+            "rows": dict(sorted(rows.items()))}
+
+
+def _name_from(doc):
+    m = re.search(r"NVIDIA [A-Z0-9]+", json.dumps(doc["meta"]))
+    return m.group(0) if m else "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+")
+    ap.add_argument("--out", help="default: lvsa/data/costs-<device>.json")
+    a = ap.parse_args(argv)
+    table = build(a.results)
+    slug = re.sub(r"[^a-z0-9]+", "-", table["device"].lower()).strip("-")
+    out = Path(a.out or ROOT / "lvsa" / "data" / f"costs-{slug}.json")
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {out} ({len(table['rows'])} shape classes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
