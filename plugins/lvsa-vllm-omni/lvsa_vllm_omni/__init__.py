@@ -44,18 +44,14 @@ def version_problem(found: Optional[str]) -> Optional[str]:
 
 
 def installed_version() -> Optional[str]:
-    """The installed vllm-omni version (distribution metadata first: no heavy import)."""
+    """The installed vllm-omni version, from its distribution metadata (no import: cheap,
+    and a stray ``vllm_omni`` directory on ``sys.path`` is not mistaken for it)."""
     from importlib import metadata
 
     try:
         return metadata.version("vllm-omni")
     except metadata.PackageNotFoundError:
-        pass
-    try:
-        import vllm_omni  # a source checkout without metadata
-    except ImportError:
         return None
-    return getattr(vllm_omni, "__version__", None)
 
 
 def register(version: Optional[str] = None) -> bool:

@@ -33,6 +33,7 @@ import torch
 from lvsa import telemetry
 from lvsa.engine import Engine
 from lvsa.ops import default_scale, sdpa
+from lvsa.presets import FAMILY_REFERENCE, PRESETS, WAN_TI2V
 
 BACKEND_NAME = "LVSA"
 
@@ -51,7 +52,8 @@ def known_reference(family: str, model_path: Optional[str]) -> Optional[int]:
     """The model's training horizon in latent frames, where the checkpoint tells it.
 
     Wan 2.2 TI2V-5B (``expand_timesteps`` in ``model_index.json``, as vllm-omni's Wan
-    pipeline reads it) was trained at 121 frames (31 latent); the other Wan models at 81.
+    pipeline reads it) has its own horizon (lvsa's ``wan2.2-ti2v-5b`` preset); the other
+    Wan models the family's. ``None`` lets the engine use the family default.
     """
     if family != "wan":
         return None
@@ -59,10 +61,10 @@ def known_reference(family: str, model_path: Optional[str]) -> Optional[int]:
         try:
             with open(os.path.join(model_path, "model_index.json")) as f:
                 if json.load(f).get("expand_timesteps", False):
-                    return 31
+                    return PRESETS[WAN_TI2V].reference_latent_frames
         except (OSError, ValueError):
             pass
-    return 21
+    return FAMILY_REFERENCE["wan"]
 
 
 # ----------------------------------------------------------------- geometry
