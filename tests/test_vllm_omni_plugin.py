@@ -313,7 +313,7 @@ def test_serve_prints_the_command_it_runs(monkeypatch, capsys):
     monkeypatch.setenv("LVSA_REFERENCE_LATENT_FRAMES", "33")
     assert serve.main(["hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v", "--port", "8091", "--dry-run"]) == 0
     line = capsys.readouterr().err.strip()
-    assert line == ("[LVSA] serve: LVSA_REFERENCE_LATENT_FRAMES=33 vllm serve "
+    assert line == ("[LVSA] lvsa_vllm_omni.serve runs: LVSA_REFERENCE_LATENT_FRAMES=33 vllm serve "
                     "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v --omni --diffusion-attention-config "
                     "'{\"per_role\":{\"self\":{\"backend\":\"LVSA\"}}}' --port 8091")
 

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the command and exit")
     args, rest = ap.parse_known_args(argv)
     cmd = build_command(args.model, rest)
-    print(f"[LVSA] serve: {render(cmd)}", file=sys.stderr, flush=True)
+    print(f"[LVSA] lvsa_vllm_omni.serve runs: {render(cmd)}", file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
     exe = shutil.which(cmd[0])
