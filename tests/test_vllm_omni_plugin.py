@@ -251,7 +251,18 @@ def test_wan_ti2v_reference_from_model_index(tmp_path):
     (tmp_path / "model_index.json").write_text('{"expand_timesteps": true}')
     assert runtime.known_reference("wan", str(tmp_path)) == 31
     assert runtime.known_reference("wan", None) == 21
-    assert runtime.known_reference("hunyuan", str(tmp_path)) is None
+    assert runtime.known_reference("hunyuan", str(tmp_path)) == 33
+    assert runtime.known_reference("generic", None) is None
+
+
+def test_reference_not_the_models_is_a_warning(clean, monkeypatch, capsys):
+    monkeypatch.setenv("LVSA_REFERENCE_LATENT_FRAMES", "21")
+    im = impl(od_config=SimpleNamespace(model_class_name="HunyuanVideo15Pipeline", model=None))
+    q, k, v = qkv(12)
+    clean.step = 0
+    im.run(q, k, v, meta(layout((3, 2, 2))))
+    assert ("[LVSA] WARNING reference_latent_frames=21 but this hunyuan model was trained at 33 latent frames"
+            in capsys.readouterr().err)
 
 
 # --------------------------------------------------- version gate, registration

@@ -53,10 +53,10 @@ def known_reference(family: str, model_path: Optional[str]) -> Optional[int]:
 
     Wan 2.2 TI2V-5B (``expand_timesteps`` in ``model_index.json``, as vllm-omni's Wan
     pipeline reads it) has its own horizon (lvsa's ``wan2.2-ti2v-5b`` preset); the other
-    Wan models the family's. ``None`` lets the engine use the family default.
+    Wan models the family's. ``None`` for a model lvsa has no preset for.
     """
     if family != "wan":
-        return None
+        return FAMILY_REFERENCE.get(family)
     if model_path and os.path.isfile(os.path.join(model_path, "model_index.json")):
         try:
             with open(os.path.join(model_path, "model_index.json")) as f:
