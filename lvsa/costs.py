@@ -58,6 +58,7 @@ def _bucket(value: float, edges, fmt) -> str:
     return f"1-{e}" if lo is None else f"{lo + 1}-{e}"
 
 
+@functools.lru_cache(maxsize=4096)
 def shape_class(num_heads: int, head_dim: int, text_len: int, density: Optional[float]) -> ShapeClass:
     """The class of a problem; ``density`` ``None`` (not known) is the bucket ``"?"``."""
     d = "?" if density is None else _bucket(float(density), DENSITY_EDGES, lambda x: f"{x:.2f}")

@@ -114,6 +114,8 @@ _selection_cache: Dict[tuple, Selection] = {}
 _runtime_failures: Dict[tuple, str] = {}
 #: (backend name, compile key) compiled in this process
 _compiled: set = set()
+#: (backend, problem) whose kernels are known built: runs skip the compile bookkeeping
+_warm: set = set()
 #: (backend name, compile key) -> seconds its first use took (compile included), this process
 _compile_seconds: Dict[tuple, float] = {}
 
@@ -327,10 +329,12 @@ def _density(mask: BlockMask) -> float:
 def _run(backend, mask: BlockMask, problem: Problem, args):
     """Plan (cached) and run; a compiling backend's first use of a compile key is announced
     (``compile``/``compiled`` events) and timed, plan and kernel build included."""
-    first = backend.compiles and (backend.name, backend.compile_key(problem)) not in _compiled
-    if not first:
+    if (backend, problem) in _warm:  # the hot path: nothing left to compile
         return backend.run(plan_for(backend, mask, problem), *args)
-    what = backend.compile_key(problem)
+    what = backend.compile_key(problem) if backend.compiles else None
+    if what is None or (backend.name, what) in _compiled:
+        _warm.add((backend, problem))
+        return backend.run(plan_for(backend, mask, problem), *args)
     cached = compile_ready(backend, problem)
     if not cached:
         telemetry.emit("compile", backend=backend.name, shape=what)
@@ -484,6 +488,7 @@ def clear_caches():
     _selection_cache.clear()
     _runtime_failures.clear()
     _compiled.clear()
+    _warm.clear()
     _compile_seconds.clear()
     _density.cache_clear()
     _verified.clear()

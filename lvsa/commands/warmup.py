@@ -58,7 +58,7 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
 
     dev = torch.device(device) if device is not None else default_device()
     mask = plan_schedule(6, W=1, n=1, reference=2).mask(0)
-    P, H = 64, 2
+    P, H = 128, 2  # as benchmarks/prewarm: tiny, one block per frame
     bks = plugins.backends()
     names = backends or sorted(bks)
     records = []
