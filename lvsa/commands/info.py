@@ -148,7 +148,7 @@ def cmd_info(args) -> int:
     print(f"auto order (declared rank): {' > '.join(info['auto_order']) or '-'}; "
           f"auto selects: {info['auto_selects']}")
     if info.get("selection_why"):
-        print(f"  chosen by {info['selection_why']}")
+        print(f"  why: {info['selection_why']}")
     print("  (backends of other distributions appear here once installed: see the README's "
           "Backends section)")
     if info.get("selection_error"):
