@@ -79,6 +79,13 @@ def compare(part, ref):
 
 
 def timed(fn, device, iters):
+    """Median of ``iters`` calls, every rank starting together: one untimed call and a
+    barrier first, so one rank's one-time work (a Triton kernel compiled for its row range,
+    a FlashInfer plan) is not timed as another rank's wait in the first collective."""
+    if iters and torch.distributed.is_initialized():
+        fn()
+        sync(device)
+        torch.distributed.barrier()
     ts = []
     for _ in range(iters):
         sync(device)
