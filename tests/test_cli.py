@@ -92,3 +92,30 @@ def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "lvsa", "plan", "--num-frames", "81", "--no-picture"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "DENSE (T_lat <= ref)" in r.stdout
+
+
+_BLOCK_DIFFUSERS = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "diffusers":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from lvsa.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["generate", "--output", "x.mp4"], ["generate"], ["decode", "x.pt"]])
+def test_missing_diffusers_extra_says_how_to_install(argv, tmp_path):
+    """Without diffusers, generate/decode (with any options) explain the extra; others still work."""
+    r = subprocess.run([sys.executable, "-c", _BLOCK_DIFFUSERS, *argv], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "needs the diffusers extra" in r.stderr and "pip install 'lvsa[diffusers]'" in r.stderr
+    assert "unrecognized arguments" not in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    ok = subprocess.run([sys.executable, "-c", _BLOCK_DIFFUSERS, "plan", "--no-picture"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
