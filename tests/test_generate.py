@@ -221,11 +221,12 @@ def test_decode_failure_names_the_kept_latent(cwd, capsys, monkeypatch):
     from lvsa.integrations.wan import WanAdapter
 
     def broken(self, pipe, latents, num_frames=None):
-        raise KeyboardInterrupt
+        raise RuntimeError("a VAE bug")
 
     monkeypatch.setattr(WanAdapter, "decode", broken)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError):
         main(["generate", *SMALL, "--output", "out/v.mp4"])
     latent = cwd / "out" / "v.latent.pt"
-    assert latent.exists()
-    assert f"the denoised latent is kept at {latent}" in capsys.readouterr().err
+    assert latent.exists() and _tree(cwd) == ["out/v.latent.pt"]
+    err = capsys.readouterr().err
+    assert f"the denoised latent is kept at {latent}" in err and f"lvsa decode {latent} --output" in err

@@ -25,6 +25,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "pass it when the model moved)")
     p.add_argument("--output", default=None, metavar="PATH.mp4",
                    help="the video (default: LATENT with .mp4 instead of .pt). Written atomically")
+    V.add_overwrite_arg(p)
     p.add_argument("--no-tiling", action="store_true", help="decode without VAE tiling (faster, more memory)")
     p.add_argument("--fps", type=V.positive_int, default=None, help="frames per second (default: the recorded one)")
     V.add_device_args(p)
@@ -33,14 +34,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run_decode(args) -> int:
-    try:
-        return decode(args)
-    except V.UserError as e:
-        V.err("decode", str(e))
-        return V.EXIT_BAD_INPUT
+    return V.run_command("decode", decode, args)
 
 
-def decode(args) -> int:
+def decode(args, state: "V.RunState") -> int:
     from ..container import container_path_warning
     from ..integrations.base import adapter_for_family
     from ..models import device_and_dtype, load_pipeline, resolve_model
@@ -49,6 +46,7 @@ def decode(args) -> int:
     t_start = time.perf_counter()
     latent_file = os.path.abspath(os.path.expanduser(args.latent))
     data = load_latent_file(latent_file)
+    state.latent = latent_file
     meta = data["metadata"]
     spec = resolve_model(args.model or meta["model"])
     if spec.family != meta["family"]:
@@ -61,14 +59,15 @@ def decode(args) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype, spec.tiny)
 
     adapter = adapter_for_family(spec.family)
+    state.phase = "loading the VAE"
     pipe = load_pipeline(spec, device, dtype, vae_only=True)
     tiling = not args.no_tiling and hasattr(pipe.vae, "enable_tiling")
     if tiling:
         pipe.vae.enable_tiling()
     V.reset_peak(device)
-    rc = V.decode_to_mp4("decode", pipe, adapter, data["latent"], out_path, args.fps or meta.get("fps") or adapter.fps,
-                         latent_file, meta.get("num_frames"))
+    rc, got = V.decode_to_mp4(state, pipe, adapter, data["latent"], out_path,
+                              args.fps or meta.get("fps") or adapter.fps, meta.get("num_frames"))
     if rc == 0:
         print(f"lvsa decode: done in {time.perf_counter() - t_start:.1f}s (VAE tiling {'on' if tiling else 'off'}; "
-              f"peak mem {V.peak_memory(device)})\n  output:    {out_path}", flush=True)
+              f"peak mem {V.peak_memory(device)})\n  output:    {got}", flush=True)
     return rc

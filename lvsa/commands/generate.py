@@ -104,8 +104,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "directory). Written atomically")
     o.add_argument("--output-latent", default=None, metavar="PATH.pt",
                    help="save the denoised latent and the metadata `lvsa decode` needs, and skip the VAE "
-                        "decode unless --output is given too. Without it the latent is still saved next to "
-                        "the mp4 before decoding and removed once the mp4 is written")
+                        "decode unless --output is given too. Without it the latent is still saved (under a "
+                        "hidden name of this run, .<video>.*.lvsa-staging.pt, next to the mp4) before decoding: "
+                        "removed once the mp4 is written, renamed to <video>.latent.pt and named in a message "
+                        "if the decode fails or is interrupted")
+    V.add_overwrite_arg(o)
     o.add_argument("--vae-tiling", action="store_true",
                    help="decode with VAE tiling (less memory) where the model supports it")
     p.set_defaults(func=run_generate)
@@ -139,18 +142,17 @@ def _settings(args) -> Dict[str, Any]:
 
 
 def run_generate(args) -> int:
-    try:
-        return generate(args)
-    except V.UserError as e:
-        V.err("generate", str(e))
-        return V.EXIT_BAD_INPUT
+    return V.run_command("generate", generate, args)
 
 
-def generate(args) -> int:
+def generate(args, state: "V.RunState") -> int:
+    """The whole flow; ``state`` tracks the phase and the files for interrupts and failures."""
     job = prepare(args)
+    state.phase = "loading the pipeline"
     pipe, adapter = load(job)
+    state.phase = "denoising"
     latent, summary, t_denoise = denoise(job, pipe)
-    return finish(job, pipe, adapter, latent, summary, t_denoise)
+    return finish(job, state, pipe, adapter, latent, summary, t_denoise)
 
 
 def prepare(args) -> Job:
@@ -265,9 +267,9 @@ def denoise(job: Job, pipe):
     return latent, summary, time.perf_counter() - t0
 
 
-def finish(job: Job, pipe, adapter, latent, summary, t_denoise: float) -> int:
+def finish(job: Job, state: "V.RunState", pipe, adapter, latent, summary, t_denoise: float) -> int:
     """Save the latent, decode to the mp4 where asked, print the summary; the exit code."""
-    from ..outputs import LATENT_FORMAT, save_latent_atomic
+    from ..outputs import LATENT_FORMAT, save_latent
 
     args, spec = job.args, job.spec
     fps = args.fps or adapter.fps
@@ -281,18 +283,23 @@ def finish(job: Job, pipe, adapter, latent, summary, t_denoise: float) -> int:
                                               if isinstance(v, (int, float, str, dict, type(None)))}),
     }
     # top-level num_frames as the troubleshooting guide shows ({"latent": tensor, "num_frames": 257, ...})
-    save_latent_atomic(job.latent_path, {"latent": latent.detach().to("cpu"), "num_frames": job.num_frames,
-                                         "metadata": meta})
+    state.phase = "saving the latent"
+    tmp = state.outs.stage(job.latent_path)
+    save_latent(tmp, {"latent": latent.detach().to("cpu"), "num_frames": job.num_frames, "metadata": meta})
+    if job.keep_latent:
+        state.latent, state.latent_written = state.outs.place(tmp), True
+    else:  # the safety copy: hidden, this run's own; a visible name only if the mp4 is not written
+        state.rescue = (tmp, job.latent_path)
     t1 = time.perf_counter()
-    rc = 0
+    rc, video_path = 0, None
     if job.want_video:
-        rc = V.decode_to_mp4("generate", pipe, adapter, latent, job.out_path, fps, job.latent_path, job.num_frames)
-        if rc == 0 and not job.keep_latent:
-            os.unlink(job.latent_path)
+        rc, video_path = V.decode_to_mp4(state, pipe, adapter, latent, job.out_path, fps, job.num_frames)
+        if rc == 0:
+            state.drop_rescue()
     t_decode = time.perf_counter() - t1
+    state.phase = "printing the summary"
     print_summary(job, summary, T_tok, P_tok, latent.shape, t_denoise, t_decode if job.want_video else None,
-                  job.out_path if (job.want_video and rc == 0) else None,
-                  job.latent_path if (job.keep_latent or rc) else None, meta)
+                  video_path, state.latent if state.latent_written else None, meta)
     return rc
 
 
