@@ -212,3 +212,41 @@ def test_ctrl_c_during_decode_command(cwd, capsys, monkeypatch):
     line = _one_line(capsys.readouterr().err, "decode")
     assert "while decoding the latent (VAE)" in line and f"the latent {cwd / 'lat.pt'} is untouched" in line
     assert _tree(cwd) == ["lat.pt"]
+
+
+# ------------------------------------------------------------ item 7: the backend before loading
+@pytest.fixture
+def no_loading(monkeypatch):
+    import lvsa.models
+
+    def refuse(*a, **k):
+        raise AssertionError("the pipeline was loaded before the backend was checked")
+
+    monkeypatch.setattr(lvsa.models, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("env, argv, words", [
+    ({}, ["--backend", "ascend"], ["--backend=ascend", "device is cpu", "npu"]),
+    ({}, ["--backend", "triton", "--num-frames", "17"], ["--backend=triton", "cpu"]),
+    ({"LVSA_BACKEND": "nonexistent"}, ["--num-frames", "17"],  # a dense run: still an error
+     ["LVSA_BACKEND=nonexistent", "unknown backend 'nonexistent'"]),
+    ({"LVSA_BACKEND": "ascend"}, [], ["LVSA_BACKEND=ascend", "device is cpu"]),
+])
+def test_a_named_backend_that_cannot_run_is_found_before_loading(cwd, capsys, monkeypatch, no_loading,
+                                                                 env, argv, words):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main(["generate", "--height", "32", "--width", "32", *argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lvsa generate: error: "), err
+    for w in words:
+        assert w in lines[0]
+    assert "lvsa_not_called" not in err
+    assert _tree(cwd) == []
+
+
+def test_a_named_backend_that_can_run_still_runs(cwd, capsys, monkeypatch):
+    monkeypatch.setenv("LVSA_BACKEND", "reference")
+    assert main(["generate", "--height", "32", "--width", "32", "--steps", "2", "--output-latent", "a.pt"]) == 0
+    assert "SPARSE backend=reference" in capsys.readouterr().out

@@ -171,13 +171,11 @@ def prepare(args) -> Job:
     steps = args.steps if args.steps is not None else tiny_defaults.get("num_inference_steps")
 
     settings = _settings(args)
+    config = None
     if not args.no_lvsa:
         from ..config import Config
         try:
-            Config.load(**settings)
-            if args.backend:
-                from ..plugins import get_backend
-                get_backend(args.backend)  # unknown names fail here, before any loading
+            config = Config.load(**settings)
         except ValueError as e:
             raise V.UserError(str(e)) from None
     factors = model_factors(spec)
@@ -198,8 +196,44 @@ def prepare(args) -> Job:
             if w:
                 V.note("generate", w)
     device, dtype = device_and_dtype(args.device, args.dtype, spec.tiny)
+    if config is not None:
+        check_backend(args.backend, config, spec, device, dtype)
     return Job(args, spec, factors, settings, num_frames, height, width, steps, want_video, out_path,
                latent_path, keep_latent, device, dtype, t_start)
+
+
+def check_backend(explicit: Optional[str], config, spec, device, dtype) -> None:
+    """A backend named by --backend / LVSA_BACKEND / LVSA_CONFIG must exist and run on this
+    device, dtype and the model's heads: checked here, before the pipeline loads (minutes
+    for a 14B model), whether the run turns out sparse or dense."""
+    from .. import dispatch
+    from ..backend import Problem
+    from ..devices import compute_capability
+    from ..integrations.base import cfg_get
+    from ..models import model_configs
+
+    name, source = dispatch.requested_backend(explicit, config)
+    if name == "auto":
+        return
+    where = "--backend" if source == "argument" else source
+    _, tr = model_configs(spec)
+    heads = int(cfg_get(tr, "num_attention_heads", 1) or 1)
+    head_dim = int(cfg_get(tr, "attention_head_dim", 64) or 64)
+    problem = Problem(device_kind=device.type, dtype=dtype, batch=1, seq_len=1, num_heads=heads,
+                      num_kv_heads=heads, head_dim=head_dim, compute_capability=compute_capability(device),
+                      device_index=device.index)
+    reasons = dispatch.explain(problem).get(name)
+    if reasons is None:  # neither registered nor a known distribution's
+        from ..plugins import get_backend
+        try:
+            get_backend(name)
+        except ValueError as e:
+            raise V.UserError(f"{where}={name}: {e}") from None
+    if reasons:
+        raise V.UserError(
+            f"{where}={name}: backend {name!r} cannot run {spec.name} here ({device}, "
+            f"{str(dtype).replace('torch.', '')}, {heads} heads of {head_dim}): {'; '.join(reasons)}. "
+            "Pick another backend (`lvsa info` shows which can run) or unset it for automatic selection")
 
 
 def load(job: Job):
