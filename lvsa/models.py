@@ -33,14 +33,21 @@ class ModelSpec:
         return self.path is None
 
 
-def resolve_model(arg: Optional[str], source: str = "--model") -> ModelSpec:
+def resolve_model(arg: Optional[str], source: str = "--model", hint: str = "") -> ModelSpec:
     """The model named by ``arg`` (``None``: tiny-wan). ``source`` names where ``arg`` came
-    from in messages (the flag, or the latent file's metadata)."""
+    from in messages (the flag, or the latent file's metadata); ``hint`` ends them."""
     from .tiny import FAMILIES
 
     if arg is None:
         arg = TINY_PREFIX + "wan"
     what = f"{source} {arg}"
+    try:
+        return _resolve(arg, what, FAMILIES)
+    except UserError as e:
+        raise UserError(f"{e}{hint}") from None
+
+
+def _resolve(arg: str, what: str, FAMILIES) -> ModelSpec:
     if arg.startswith(TINY_PREFIX) and not os.path.isdir(arg):
         fam = arg[len(TINY_PREFIX):]
         if fam not in FAMILIES:

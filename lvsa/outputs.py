@@ -154,16 +154,102 @@ def write_mp4(path: str, video, fps: int) -> None:
         w.close()  # now, not at garbage collection, when it would write the file again
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def _no_unsafe_advice(text: str) -> str:
+    """torch's load errors advise ``weights_only=False``, which runs code from the file: never pass that on."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return "" if "weights_only" in text else first
+
+
 def load_latent_file(path: str) -> Dict[str, Any]:
+    """Read a latent written by ``lvsa generate`` (``torch.load(weights_only=True)``: tensors
+    and plain data only) and check it against its own metadata; one message per problem."""
+    import pickle
+    import zipfile
+
     import torch
 
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != _ZIP_MAGIC:
+        raise UserError(f"{path}: not a latent written by lvsa generate: not a torch file ({size} bytes that do "
+                        "not start like the zip archive torch.save writes)")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: the file is incomplete ({size} bytes; the end of the archive, written last, "
+                        "is missing): the run or the copy that wrote it was cut short. Copy it again, or "
+                        "re-run lvsa generate with --output-latent")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: not a latent written by lvsa generate ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or "latent" not in data or data.get("metadata", {}).get("format") != LATENT_FORMAT:
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: holds Python objects other than tensors and plain data. lvsa reads latents "
+                        "only with torch.load(weights_only=True), which refuses them because loading them "
+                        "could run code from the file; a latent written by lvsa generate never holds "
+                        "any") from None
+    except Exception as e:  # noqa: BLE001 - a damaged archive member, an unknown storage type, ...
+        why = _no_unsafe_advice(str(e))
+        raise UserError(f"{path}: damaged; torch cannot read it ({type(e).__name__}{': ' + why if why else ''}). "
+                        "Copy it again, or re-run lvsa generate with --output-latent") from None
+    meta = data.get("metadata") if isinstance(data, dict) else None
+    if not isinstance(meta, dict) or "latent" not in data or meta.get("format") != LATENT_FORMAT:
         raise UserError(f"{path}: not a latent written by lvsa generate (expected a dict with 'latent' and "
                         f"metadata format {LATENT_FORMAT!r})")
+    latent = data["latent"]
+    if not isinstance(latent, torch.Tensor) or not latent.is_floating_point() or latent.dim() != 5:
+        what = (f"a {latent.dim()}-D {str(latent.dtype).replace('torch.', '')} tensor"
+                if isinstance(latent, torch.Tensor) else type(latent).__name__)
+        raise UserError(f"{path}: 'latent' is {what}; lvsa generate writes a 5-D floating-point tensor")
+    recorded = meta.get("latent_shape")
+    if recorded is not None and list(latent.shape) != list(recorded):
+        raise UserError(f"{path}: the latent has shape {list(latent.shape)} but its metadata records "
+                        f"latent_shape {list(recorded)}: the file was edited or its parts mixed up; "
+                        "decoding it would give a wrongly sized video")
+    if data.get("num_frames") != meta.get("num_frames"):
+        raise UserError(f"{path}: num_frames {data.get('num_frames')} disagrees with the metadata's "
+                        f"{meta.get('num_frames')}: the file was edited")
+    bad = int((~torch.isfinite(latent)).sum())
+    if bad:
+        raise UserError(f"{path}: the latent has {bad} NaN/Inf values of {latent.numel()}: the denoising "
+                        "diverged (try --dtype float32 or another backend) or the file is damaged; decoding "
+                        "it would give a black video")
     return data
+
+
+#: axis order of each family's denoised latent (as the pipelines return it with output_type="latent")
+LATENT_LAYOUT = {"wan": "BCFHW", "hunyuan": "BCFHW", "cogvideox": "BFCHW"}
+
+
+def check_latent_for_model(path: str, data: Dict[str, Any], spec, vae_config, factors) -> None:
+    """The latent against the VAE that is to decode it: channels, frames, size."""
+    from .integrations.base import cfg_get
+    from .schedule import latent_frames
+
+    latent, meta = data["latent"], data["metadata"]
+    layout = LATENT_LAYOUT[spec.family]
+    dims = dict(zip(layout, latent.shape))
+    want_c = cfg_get(vae_config, "z_dim", None) or cfg_get(vae_config, "latent_channels", None)
+    if want_c is not None and dims["C"] != want_c:
+        raise UserError(f"{path}: the latent has {dims['C']} channels but the VAE of {spec.name} takes {want_c}: "
+                        "it comes from another model (e.g. Wan 2.2 TI2V-5B's VAE has 48). Decode it with the "
+                        "model that made it: --model DIR")
+    nf = meta.get("num_frames")
+    if isinstance(nf, int) and nf >= 1:
+        try:
+            want_f = latent_frames(nf, factors.vae_temporal)
+        except ValueError as e:
+            raise UserError(f"{path}: its metadata's num_frames: {e}") from None
+        pad = factors.patch_t - 1  # CogVideoX 1.5 pads the latent to a multiple of patch_size_t
+        if not want_f <= dims["F"] <= want_f + pad:
+            raise UserError(f"{path}: the latent has {dims['F']} latent frames but num_frames {nf} needs {want_f} "
+                            f"with {spec.name}'s VAE (x{factors.vae_temporal} in time): the metadata or the model "
+                            "does not belong to this latent")
+    for key, axis in (("height", "H"), ("width", "W")):
+        px = meta.get(key)
+        if isinstance(px, int) and px // factors.vae_spatial != dims[axis]:
+            raise UserError(f"{path}: the latent is {dims[axis]} high/wide in latent pixels but {key} {px} needs "
+                            f"{px // factors.vae_spatial} with {spec.name}'s VAE (x{factors.vae_spatial} in space): "
+                            "the metadata or the model does not belong to this latent")

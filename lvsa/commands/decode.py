@@ -40,17 +40,30 @@ def run_decode(args) -> int:
 def decode(args, state: "V.RunState") -> int:
     from ..container import container_path_warning
     from ..integrations.base import adapter_for_family
-    from ..models import device_and_dtype, load_pipeline, resolve_model
-    from ..outputs import load_latent_file, resolve_output_path
+    from ..models import device_and_dtype, load_pipeline, model_configs, model_factors, resolve_model
+    from ..outputs import check_latent_for_model, load_latent_file, resolve_output_path
 
     t_start = time.perf_counter()
     latent_file = os.path.abspath(os.path.expanduser(args.latent))
     data = load_latent_file(latent_file)
     state.latent = latent_file
     meta = data["metadata"]
-    spec = resolve_model(args.model or meta["model"])
-    if spec.family != meta["family"]:
-        raise V.UserError(f"--model {args.model}: a {spec.family} model cannot decode this {meta['family']} latent")
+    if args.model:
+        spec = resolve_model(args.model)
+        origin = f"--model {args.model}"
+    else:
+        recorded = meta.get("model")
+        if not isinstance(recorded, str) or not recorded:
+            raise V.UserError(f"{latent_file}: its metadata names no model ('model': {recorded!r}); pass the "
+                              "pipeline directory whose VAE decodes it: --model DIR")
+        origin = f"the model recorded in {latent_file} ({recorded})"
+        spec = resolve_model(recorded, source=f"the model recorded in {latent_file}:",
+                             hint=". It was moved or the latent comes from another machine: pass its "
+                                  "directory with --model DIR")
+    if spec.family != meta.get("family"):
+        raise V.UserError(f"{origin} is a {spec.family} model; this latent's metadata says it is a "
+                          f"{meta.get('family')!r} latent. Pass the model that made it: --model DIR")
+    check_latent_for_model(latent_file, data, spec, model_configs(spec)[0], model_factors(spec))
     out_arg = args.output or re.sub(r"(\.latent)?\.pt$", "", args.latent, flags=re.I) + ".mp4"
     out_path = resolve_output_path(out_arg, "--output", ".mp4")
     w = container_path_warning(out_arg, out_path)
