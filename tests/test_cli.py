@@ -119,3 +119,35 @@ def test_missing_diffusers_extra_says_how_to_install(argv, tmp_path):
     ok = subprocess.run([sys.executable, "-c", _BLOCK_DIFFUSERS, "plan", "--no-picture"], cwd=tmp_path,
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "--num-frames", "0"], "--num-frames must be >= 1, got 0"),
+    (["plan", "--num-frames", "-3"], "--num-frames must be >= 1, got -3"),
+])
+def test_plan_rejects_impossible_geometry(capsys, argv, words):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2 and words in err and out == ""
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["info", "--head-dim", "0"], "--head-dim"),
+    (["info", "--head-dim", "-64"], "--head-dim"),
+    (["generate", "--seed", str(2 ** 64)], "--seed"),
+    (["generate", "--seed", "-1"], "--seed"),
+])
+def test_out_of_range_flags_are_usage_errors(capsys, argv, flag):
+    """`--seed` beyond torch's 64-bit range fails before anything loads (it used to fail after
+    loading with 'Overflow when unpacking long long'); `info --head-dim 0` is no problem size."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: expected" in err
+
+
+def test_largest_seed_is_accepted():
+    from lvsa.commands._args import MAX_SEED, seed_int
+
+    assert seed_int(str(MAX_SEED)) == MAX_SEED
+    import torch
+    torch.Generator("cpu").manual_seed(MAX_SEED)  # the bound is torch's own

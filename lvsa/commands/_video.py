@@ -28,6 +28,7 @@ EXIT_DECODE_OOM = 3
 EXIT_INTERRUPTED = 130
 
 from ..errors import UserError  # noqa: E402,F401 - re-exported for the commands
+from ._args import int_at_least, positive_int, seed_int  # noqa: E402,F401 - the same
 
 
 def err(cmd: str, msg: str) -> None:
@@ -36,21 +37,6 @@ def err(cmd: str, msg: str) -> None:
 
 def note(cmd: str, msg: str) -> None:
     print(f"lvsa {cmd}: {msg}", file=sys.stderr, flush=True)
-
-
-def int_at_least(lo: int, what: str, hi: Optional[int] = None):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            v = lo - 1
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
-        return v
-    return parse
-
-
-positive_int = int_at_least(1, "a positive integer")
 
 
 def add_overwrite_arg(p) -> None:

@@ -80,8 +80,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="denoising steps (default: the pipeline's; 8 for the tiny models)")
     g.add_argument("--guidance-scale", type=float, default=None, metavar="G",
                    help="classifier-free guidance scale (default: the pipeline's)")
-    g.add_argument("--seed", type=V.int_at_least(0, "an integer >= 0"), default=0,
-                   help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=V.seed_int, default=0,
+                   help="random seed, 0 to 2**64-1 (default: %(default)s)")
     g.add_argument("--fps", type=V.positive_int, default=None,
                    help="frames per second of the mp4 (default: 16 Wan, 24 HunyuanVideo, 8 CogVideoX)")
     V.add_device_args(g)
