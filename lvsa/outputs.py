@@ -38,9 +38,7 @@ def resolve_output_path(arg: str, flag: str, suffix: str) -> str:
     except OSError as e:
         raise UserError(f"{flag} {arg}: cannot write in {existing} ({e.strerror or e}); choose a writable "
                         "location, e.g. a relative path such as outputs/video.mp4") from None
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {arg}: the existing file is not writable")
-    return path
+    return path  # an existing file there is never written into: see Outputs.place
 
 
 def numbered(path: str, n: int) -> str:

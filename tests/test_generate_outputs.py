@@ -250,3 +250,17 @@ def test_a_named_backend_that_can_run_still_runs(cwd, capsys, monkeypatch):
     monkeypatch.setenv("LVSA_BACKEND", "reference")
     assert main(["generate", "--height", "32", "--width", "32", "--steps", "2", "--output-latent", "a.pt"]) == 0
     assert "SPARSE backend=reference" in capsys.readouterr().out
+
+
+def test_ctrl_c_after_the_video_is_written(cwd, capsys, monkeypatch):
+    """Interrupted while the summary prints: the line says the video is complete."""
+    from lvsa.commands import generate as gen
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen, "print_summary", interrupted)
+    assert main(["generate", *SMALL, "--output", "v.mp4", "--output-latent", "v.pt"]) == 130
+    line = _one_line(capsys.readouterr().err)
+    assert f"the video {cwd / 'v.mp4'} is complete" in line and "nothing else was written" in line
+    assert _tree(cwd) == ["v.mp4", "v.pt"]

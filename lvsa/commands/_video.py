@@ -118,8 +118,12 @@ class RunState:
             pass
         kept = self.keep_rescue()
         removed = self.outs.discard_all()
+        video = next((p for p in self.outs.placed.values() if p.lower().endswith(".mp4")), None)
         parts = [f"lvsa {self.cmd}: interrupted (Ctrl-C) while {self.phase}"]
-        if kept:
+        if video:  # past the finish line: nothing to recover
+            parts.append(f"the video {video} is complete"
+                         + (f", and so is the latent {kept}" if kept else ""))
+        elif kept:
             parts.append(f"kept the denoised latent at {kept} (finish with: {self.how_to_decode(kept)})")
         elif self.latent:
             parts.append(f"the latent {self.latent} is untouched")
