@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from .errors import UserError
-from .schedule import latent_frames, patches_per_frame
+from .geometry import latent_frames, patches_per_frame
 
 TINY_PREFIX = "tiny-"
 PIPELINE_FAMILIES = {"WanPipeline": "wan", "HunyuanVideo15Pipeline": "hunyuan", "CogVideoXPipeline": "cogvideox"}
@@ -102,7 +102,7 @@ def model_configs(spec: ModelSpec):
 
 def model_factors(spec: ModelSpec):
     """The VAE/patch factors of a model, read from its config files (no weights loaded)."""
-    from .integrations.base import adapter_for_family
+    from .integrations.registry import adapter_for_family
 
     return adapter_for_family(spec.family).factors(*model_configs(spec))
 

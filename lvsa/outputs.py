@@ -224,7 +224,7 @@ LATENT_LAYOUT = {"wan": "BCFHW", "hunyuan": "BCFHW", "cogvideox": "BFCHW"}
 def check_latent_for_model(path: str, data: Dict[str, Any], spec, vae_config, factors) -> None:
     """The latent against the VAE that is to decode it: channels, frames, size."""
     from .integrations.base import cfg_get
-    from .schedule import latent_frames
+    from .geometry import latent_frames
 
     latent, meta = data["latent"], data["metadata"]
     layout = LATENT_LAYOUT[spec.family]

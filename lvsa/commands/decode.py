@@ -39,7 +39,7 @@ def run_decode(args) -> int:
 
 def decode(args, state: "V.RunState") -> int:
     from ..container import container_path_warning
-    from ..integrations.base import adapter_for_family
+    from ..integrations.registry import adapter_for_family
     from ..models import device_and_dtype, load_pipeline, model_configs, model_factors, resolve_model
     from ..outputs import check_latent_for_model, load_latent_file, resolve_output_path
 

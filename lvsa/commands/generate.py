@@ -206,40 +206,29 @@ def check_backend(explicit: Optional[str], config, spec, device, dtype) -> None:
     """A backend named by --backend / LVSA_BACKEND / LVSA_CONFIG must exist and run on this
     device, dtype and the model's heads: checked here, before the pipeline loads (minutes
     for a 14B model), whether the run turns out sparse or dense."""
-    from .. import dispatch
-    from ..backend import Problem
-    from ..devices import compute_capability
+    from ..dispatch import check_requested, requested_backend
+    from ..errors import BackendUnavailable, UnknownBackend
     from ..integrations.base import cfg_get
     from ..models import model_configs
 
-    name, source = dispatch.requested_backend(explicit, config)
+    name, source = requested_backend(explicit, config)
     if name == "auto":
         return
-    where = "--backend" if source == "argument" else source
     _, tr = model_configs(spec)
     heads = int(cfg_get(tr, "num_attention_heads", 1) or 1)
     head_dim = int(cfg_get(tr, "attention_head_dim", 64) or 64)
-    problem = Problem(device_kind=device.type, dtype=dtype, batch=1, seq_len=1, num_heads=heads,
-                      num_kv_heads=heads, head_dim=head_dim, compute_capability=compute_capability(device),
-                      device_index=device.index)
-    reasons = dispatch.explain(problem).get(name)
-    if reasons is None:  # neither registered nor a known distribution's
-        from ..plugins import get_backend
-        try:
-            get_backend(name)
-        except ValueError as e:
-            raise V.UserError(f"{where}={name}: {e}") from None
-    if reasons:
-        raise V.UserError(
-            f"{where}={name}: backend {name!r} cannot run {spec.name} here ({device}, "
-            f"{str(dtype).replace('torch.', '')}, {heads} heads of {head_dim}): {'; '.join(reasons)}. "
-            "Pick another backend (`lvsa info` shows which can run) or unset it for automatic selection")
+    try:
+        check_requested(device, dtype, head_dim=head_dim, num_heads=heads, requested=explicit, config=config)
+    except (UnknownBackend, BackendUnavailable) as e:
+        where = "--backend" if source == "argument" else source
+        raise V.UserError(f"{where}={name}: {e} (checked before loading {spec.name}: {heads} heads of "
+                          f"{head_dim})") from None
 
 
 def load(job: Job):
     """Load the pipeline on the job's device and enable lvsa in it; ``(pipe, adapter)``."""
     from .. import integrations
-    from ..integrations.base import adapter_for_family
+    from ..integrations.registry import adapter_for_family
     from ..models import load_pipeline
 
     args, spec = job.args, job.spec
