@@ -110,6 +110,13 @@ def _p_backend(var, value):
     return s
 
 
+def _p_choice(var, value, choices):
+    s = str(value).strip().lower()
+    if s not in choices:
+        _fail(var, value, "one of " + ", ".join(choices))
+    return s
+
+
 def parse_mask_log(var, value):
     """``1`` every step, ``once``, ``N``, ``N-M``, ``N,M,K``; returns a spec tuple or None."""
     if value is None:
@@ -200,8 +207,15 @@ class Config:
     check: bool = _f(False, _p_bool, "LVSA_CHECK", "validate inputs (finite values) on every call")
     strict: bool = _f(False, _p_bool, "LVSA_STRICT", "re-raise backend errors instead of falling back")
     wan_hook: bool = _f(True, _p_bool, "LVSA_WAN_HOOK",
-                        "accepted for compatibility; under context parallelism lvsa hands off "
-                        "(reason=context_parallel)")
+                        "accepted for compatibility: under context parallelism lvsa installs its "
+                        "own split/gather hooks for Wan (no diffusers _cp_plan needed)")
+    context_parallel: str = _f("off", lambda var, v: _p_choice(var, v, ("off", "auto", "ulysses", "sequence")),
+                               "LVSA_CONTEXT_PARALLEL",
+                               "multi-GPU split: off, auto (ulysses when heads divide), ulysses, sequence")
+    dist_timeout: float = _f(600.0, _p_pos_float, "LVSA_DIST_TIMEOUT",
+                             "seconds a rank waits in a collective before the run ends with an error")
+    log_all_ranks: bool = _f(False, _p_bool, "LVSA_LOG_ALL_RANKS",
+                             "every rank prints [LVSA] lines, prefixed with its rank (default: rank 0 only)")
 
     # -------------------------------------------------------------- loading
     @classmethod

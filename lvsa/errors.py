@@ -49,6 +49,11 @@ class PlanTooLarge(LVSAError, ValueError):
     """A schedule longer than :data:`lvsa.schedule.MAX_LATENT_FRAMES` latent frames."""
 
 
+class ContextParallelError(LVSAError, RuntimeError):
+    """A context-parallel run cannot go on: a split that does not divide, ranks that
+    disagree, a rank that failed or never reached a collective."""
+
+
 class UserError(LVSAError, ValueError):
     """Bad input to a command (a path, a flag, a file): printed as one line, exit code 2.
 

@@ -96,6 +96,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--reference-latent-frames", type=V.positive_int, default=None, metavar="N",
                    help="the model's training horizon in latent frames (default: the model's own: 21 Wan, "
                         "33 HunyuanVideo 1.5, 13 CogVideoX); a different value is warned about")
+    s.add_argument("--context-parallel", default=None, choices=["auto", "ulysses", "sequence", "off"],
+                   help="under torchrun: split one generation over the ranks (default auto: ulysses when "
+                        "the heads divide by the world size, else sequence; LVSA_CONTEXT_PARALLEL)")
     s.add_argument("--no-lvsa", action="store_true",
                    help="dense baseline: run the unmodified pipeline (same seed, same outputs layout)")
     o = p.add_argument_group("outputs")
@@ -137,25 +140,44 @@ class Job:
 
 def _settings(args) -> Dict[str, Any]:
     s = {"backend": args.backend, "sparsity_scale": args.sparsity_scale,
-         "reference_latent_frames": args.reference_latent_frames}
+         "reference_latent_frames": args.reference_latent_frames,
+         "context_parallel": getattr(args, "context_parallel", None)}
     return {k: v for k, v in s.items() if v is not None}
 
 
 def run_generate(args) -> int:
-    return V.run_command("generate", generate, args)
+    from ..devices import default_device_kind
+    from ..parallel import command_session
+
+    kind = torch_device_kind(args.device) if args.device else default_device_kind()
+    # under torchrun: the process group for the device kind, cuda:LOCAL_RANK, only rank 0
+    # prints and writes, destroy_process_group always (one place: lvsa.parallel)
+    with command_session(kind) as dist:
+        return V.run_command("generate", lambda a, state: generate(a, state, dist), args)
 
 
-def generate(args, state: "V.RunState") -> int:
-    """The whole flow; ``state`` tracks the phase and the files for interrupts and failures."""
-    job = prepare(args)
+def torch_device_kind(spec: str) -> str:
+    try:
+        import torch
+        return torch.device(spec).type
+    except RuntimeError as e:
+        raise V.UserError(f"--device {spec}: {e}") from None
+
+
+def generate(args, state: "V.RunState", dist=None) -> int:
+    """The whole flow; ``state`` tracks the phase and the files for interrupts and failures;
+    ``dist`` is the torchrun session (``None`` or inactive: one process)."""
+    job = prepare(args, dist)
     state.phase = "loading the pipeline"
     pipe, adapter = load(job)
     state.phase = "denoising"
     latent, summary, t_denoise = denoise(job, pipe)
+    if dist is not None and not dist.is_main:
+        return 0  # every rank holds the whole latent; rank 0 writes it (and the video)
     return finish(job, state, pipe, adapter, latent, summary, t_denoise)
 
 
-def prepare(args) -> Job:
+def prepare(args, dist=None) -> Job:
     """Every check before anything heavy or anything written."""
     from ..container import container_path_warning
     from ..models import check_geometry, device_and_dtype, model_factors, resolve_model
@@ -180,6 +202,8 @@ def prepare(args) -> Job:
             raise V.UserError(str(e)) from None
     factors = model_factors(spec)
     check_geometry(num_frames, height, width, factors)
+    if dist is not None and dist.active:
+        _check_context_parallel(args, spec, factors, num_frames, height, width, settings, dist)
     suffix = "-dense" if args.no_lvsa else ""
     frames_tag = f"{num_frames}f" if num_frames else "default"
     want_video = args.output is not None or args.output_latent is None
@@ -196,10 +220,42 @@ def prepare(args) -> Job:
             if w:
                 V.note("generate", w)
     device, dtype = device_and_dtype(args.device, args.dtype, spec.tiny)
+    if dist is not None and dist.active and dist.device is not None:
+        device = dist.device  # each rank on its own device (cuda:LOCAL_RANK)
     if config is not None:
         check_backend(args.backend, config, spec, device, dtype)
     return Job(args, spec, factors, settings, num_frames, height, width, steps, want_video, out_path,
                latent_path, keep_latent, device, dtype, t_start)
+
+
+def _check_context_parallel(args, spec, factors, num_frames, height, width, settings, dist) -> None:
+    """Under torchrun: the split must work before anything loads (the same check, and so the
+    same exit status, on every rank; rank 0 alone prints it)."""
+    from ..config import Config
+    from ..models import read_json
+    from ..parallel import divisibility_problem
+
+    if args.no_lvsa:
+        raise V.UserError("--no-lvsa under torchrun would run the whole dense generation on every rank; "
+                          "run it as one process, or use diffusers' enable_parallelism for dense context "
+                          "parallelism")
+    mode = settings.get("context_parallel")
+    if mode is None:  # LVSA_CONTEXT_PARALLEL / LVSA_CONFIG, else auto under torchrun
+        cfg = Config.load()
+        mode = cfg.context_parallel if cfg.is_set("context_parallel") else "auto"
+    if mode == "off":
+        raise V.UserError("--context-parallel off under torchrun would run the whole generation on every rank; "
+                          "launch one process instead")
+    seq = None
+    if num_frames and height and width:
+        seq = (factors.latent_frames(num_frames) // factors.patch_t) * factors.patches_per_frame(height, width)
+    heads = None
+    if spec.path:
+        heads = read_json(os.path.join(spec.path, "transformer", "config.json")).get("num_attention_heads")
+    problem = divisibility_problem(dist.world_size, seq, heads, mode)
+    if problem:
+        raise V.UserError(problem)
+    settings["context_parallel"] = mode
 
 
 def check_backend(explicit: Optional[str], config, spec, device, dtype) -> None:
