@@ -184,6 +184,7 @@ class LVSAState:
         self.original_class = original_class
         self.originals: List[Tuple[Any, Any]] = []  # (attention module, original processor)
         self.hooks: List[Any] = []
+        self.riflex = None  # lvsa.integrations.riflex.Riflex when riflex=True
         self.last_summary: Optional[Dict[str, Any]] = None
         self.geometry_pending = False
         self._lock = threading.RLock()
@@ -200,6 +201,9 @@ class LVSAState:
                 mod.set_processor(self.adapter.make_processor(self.engine, orig))
                 self.originals.append((mod, orig))
             self.hooks.append(tr.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            if self.engine.config.riflex:
+                from .riflex import install as install_riflex
+                self.hooks.extend(install_riflex(self, tr))
 
     def uninstall(self):
         for mod, orig in reversed(self.originals):

@@ -1,0 +1,239 @@
+"""RIFLEx (``lvsa.enable(pipe, riflex=True)``): the paper's formula, the rotary tables of the
+three families against diffusers' own, the bit-exact round trip through ``disable()``, and
+its composition with the sparse attention on the tiny pipelines."""
+import math
+
+import pytest
+import torch
+
+from lvsa import Config, integrations, tiny
+from lvsa.integrations import riflex
+from lvsa.telemetry import DefaultSink, Event
+
+FAMILIES = ("wan", "hunyuan", "cogvideox")
+# past each tiny model's training horizon (reference 21 / 33 / 13 latent frames)
+LONG = {"wan": dict(num_frames=97, height=32, width=32, num_inference_steps=2),        # T=25
+        "hunyuan": dict(num_frames=145, height=32, width=32, num_inference_steps=2),   # T=37
+        "cogvideox": dict(num_frames=65, height=32, width=32, num_inference_steps=2)}  # T=17
+REFERENCE = {"wan": 21, "hunyuan": 33, "cogvideox": 13}
+
+
+def diffusers_freqs(dim, base):
+    """Temporal frequencies as diffusers' get_1d_rotary_pos_embed defines them: base^(-2i/dim)."""
+    return [base ** (-(2 * i) / dim) for i in range(dim // 2)]
+
+
+def closest_period(freqs, L):
+    """1-based index of the frequency whose period 2*pi/theta is nearest L (paper Eq. 7), spelled out."""
+    best = None
+    for j, th in enumerate(freqs, start=1):
+        d = abs(2 * math.pi / th - L)
+        if best is None or d < best[0]:
+            best = (d, j)
+    return best[1]
+
+
+# ------------------------------------------------------------------ the formula
+def test_intrinsic_index_reproduces_the_authors_hunyuanvideo_example():
+    # RIFLEx release: HunyuanVideo (b=256, d=16), repetition at N=48 latent frames -> k=4, period 50
+    freqs = diffusers_freqs(16, 256.0)
+    k = riflex.intrinsic_index(freqs, 48)
+    assert k == 4 and round(riflex.periods(freqs)[k - 1]) == 50
+
+
+def test_plan_on_wan21_dims_follows_the_paper():
+    freqs = diffusers_freqs(128 - 2 * 2 * (128 // 6), 10000.0)  # Wan 2.1 head 128: 44 temporal dims
+    assert len(freqs) == 22
+    p = riflex.plan(freqs, reference=21, target=41)
+    assert p.k == closest_period(freqs, 21) == 4
+    assert p.period == pytest.approx(2 * math.pi / freqs[3]) and 21 < p.period < 23
+    assert p.new_theta == 0.9 * 2 * math.pi / 41               # theta'_k = 0.9 * 2pi / L'
+    assert p.new_period == pytest.approx(41 / 0.9) and p.changed
+    # at or below the training length nothing changes
+    for T in (5, 21):
+        q = riflex.plan(freqs, reference=21, target=T)
+        assert not q.changed and q.new_theta == q.theta
+    # lowering only: a component whose period already spans the clip keeps its frequency
+    q = riflex.plan(freqs, reference=21, target=22, k=6)       # period ~50.9 > 22 / 0.9
+    assert not q.changed
+    # riflex_k picks another component; the formula is the same
+    q = riflex.plan(freqs, reference=21, target=41, k=5)       # period ~33.5 < 41 / 0.9
+    assert q.k == 5 and q.theta == freqs[4] and q.new_theta == 0.9 * 2 * math.pi / 41
+    with pytest.raises(ValueError, match=r"riflex_k=23 is out of range.*22 temporal RoPE components"):
+        riflex.plan(freqs, reference=21, target=41, k=23)
+
+
+def test_config_fields_and_variables():
+    c = Config.load(env={"LVSA_RIFLEX": "1", "LVSA_RIFLEX_K": "3"})
+    assert c.riflex is True and c.riflex_k == 3
+    d = Config.load(env={})
+    assert d.riflex is False and d.riflex_k is None
+    with pytest.raises(ValueError, match="LVSA_RIFLEX_K"):
+        Config.load(env={"LVSA_RIFLEX_K": "0"})
+    with pytest.raises(ValueError, match="LVSA_RIFLEX"):
+        Config.load(env={"LVSA_RIFLEX": "maybe"})
+
+
+def test_log_line_format():
+    import io
+
+    buf = io.StringIO()
+    sink = DefaultSink(buf)
+    sink.lvsa_event(Event("riflex", dict(k=4, period=22.06, new_period=45.56, T=41, reference=21, changed=True)))
+    sink.lvsa_event(Event("riflex", dict(k=4, period=22.06, new_period=22.06, T=21, reference=21, changed=False)))
+    assert buf.getvalue().splitlines() == [
+        "[LVSA] riflex k=4 period 22.1->45.6 latent frames (reference=21 T_lat=41)",
+        "[LVSA] riflex k=4 period 22.1->22.1 latent frames (reference=21 T_lat=21) (unchanged: T_lat <= reference)"]
+
+
+# ------------------------------------------------------------------ the tables
+class _Captured(Exception):
+    pass
+
+
+def _tables(pipe, family, num_frames, h=32, w=32):
+    """``(table the model uses now, diffusers' own table)`` for a clip, each ``(cos, sin)`` as [T, P, D]."""
+    tr = pipe.transformer
+    lat = (num_frames - 1) // 4 + 1
+    if family in ("wan", "hunyuan"):
+        vs = 8 if family == "wan" else 16
+        hs = torch.zeros(1, tr.config.in_channels, lat, h // vs, w // vs)
+        used, own = tr.rope(hs), tr.rope.forward(hs)  # .forward bypasses the hooks: diffusers' own
+    else:
+        own = pipe._prepare_rotary_positional_embeddings(h, w, lat, torch.device("cpu"))
+        seen = {}
+
+        def capture(module, args, kwargs):
+            seen["emb"] = kwargs["image_rotary_emb"]
+            raise _Captured
+
+        handle = tr.transformer_blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with pytest.raises(_Captured):
+                tr(hidden_states=torch.zeros(1, lat, tr.config.in_channels, h // 8, w // 8),
+                   encoder_hidden_states=torch.zeros(1, 16, tr.config.text_embed_dim),
+                   timestep=torch.tensor([1]), image_rotary_emb=own)
+        finally:
+            handle.remove()
+        used = seen["emb"]
+    D = own[0].shape[-1]
+    return [tuple(t.reshape(lat, -1, D) for t in pair) for pair in (used, own)]
+
+
+def _temporal(pipe, family):
+    """(number of temporal dims, RoPE base) as diffusers builds each family's table."""
+    tr = pipe.transformer
+    if family == "wan":
+        return tr.rope.t_dim, 10000.0
+    if family == "hunyuan":
+        return tr.rope.rope_dim[0], tr.rope.theta
+    return tr.config.attention_head_dim // 4, 10000.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tables_match_diffusers_except_the_intrinsic_component(family, fresh_plugins):
+    pipe = tiny.build(family)
+    integrations.enable(pipe, riflex=True)
+    try:
+        t_dim, base = _temporal(pipe, family)
+        ref = REFERENCE[family]
+        k = closest_period(diffusers_freqs(t_dim, base), ref)
+        # past the reference: component k is at 0.9*2pi/T, every other column is diffusers' own
+        nf = LONG[family]["num_frames"]
+        (cos, sin), (cos0, sin0) = _tables(pipe, family, nf)
+        T = cos.shape[0]
+        assert T > ref
+        cols = [2 * (k - 1), 2 * (k - 1) + 1]
+        rest = [c for c in range(cos.shape[-1]) if c not in cols]
+        assert torch.equal(cos[..., rest], cos0[..., rest]) and torch.equal(sin[..., rest], sin0[..., rest])
+        new = 0.9 * 2 * math.pi / T
+        f = torch.arange(T, dtype=torch.float64).view(T, 1, 1)
+        for c in cols:
+            torch.testing.assert_close(cos[..., c:c + 1].double(), torch.cos(f * new).expand(T, cos.shape[1], 1),
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(sin[..., c:c + 1].double(), torch.sin(f * new).expand(T, cos.shape[1], 1),
+                                       rtol=0, atol=1e-6)
+        assert not torch.equal(cos[..., cols], cos0[..., cols])
+        # at or below the reference (and at the reference exactly): diffusers' own table, bit for bit
+        for nf in (4 * (ref - 1) + 1, 17):
+            (cos, sin), (cos0, sin0) = _tables(pipe, family, nf)
+            assert cos.shape[0] <= ref and torch.equal(cos, cos0) and torch.equal(sin, sin0)
+    finally:
+        integrations.disable(pipe)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_and_composition_with_sparse_attention(family, fresh_plugins, capsys):
+    pipe = tiny.build(family)
+    kw = LONG[family]
+    buffers = {n: b.clone() for n, b in pipe.transformer.named_buffers()}
+    base = tiny.run_latent(pipe, family, **kw)
+    (own,) = [_tables(pipe, family, kw["num_frames"])[1]]
+
+    integrations.enable(pipe)                                   # sparse attention alone
+    sparse = tiny.run_latent(pipe, family, **kw)
+    integrations.enable(pipe, riflex=True)                      # sparse attention + RIFLEx
+    with tiny.EventRecorder() as rec:
+        both = tiny.run_latent(pipe, family, **kw)
+    s = integrations.last_summary(pipe)
+    assert s["sparse_calls"] > 0 and s["fallbacks"] == 0 and s["T"] > s["reference"]
+    (ev,) = rec.of("riflex")                                    # one line per generation
+    assert ev["changed"] and ev["T"] == s["T"] and ev["reference"] == s["reference"]
+    assert ev["new_period"] == pytest.approx(s["T"] / 0.9)
+    err = capsys.readouterr().err
+    assert err.count("[LVSA] riflex k=") == 1
+    assert f"->{s['T'] / 0.9:.1f} latent frames (reference={s['reference']} T_lat={s['T']})" in err
+    assert torch.isfinite(both).all() and not torch.equal(both, sparse)
+
+    integrations.disable(pipe)                                  # the original embedding, exactly
+    assert torch.equal(tiny.run_latent(pipe, family, **kw), base)
+    used, own_again = _tables(pipe, family, kw["num_frames"])
+    for a, b, c in zip(used, own_again, own):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for n, b in pipe.transformer.named_buffers():
+        assert torch.equal(b, buffers[n])
+
+
+def test_changes_nothing_at_or_below_the_reference(fresh_plugins, capsys):
+    pipe = tiny.build("wan")
+    kw = LONG["wan"]
+    integrations.enable(pipe, reference_latent_frames=25)      # T=25: dense by design
+    plain = tiny.run_latent(pipe, "wan", **kw)
+    integrations.enable(pipe, reference_latent_frames=25, riflex=True)
+    capsys.readouterr()
+    assert torch.equal(tiny.run_latent(pipe, "wan", **kw), plain)
+    err = capsys.readouterr().err
+    assert "[LVSA] riflex k=1 period 6.3->6.3 latent frames (reference=25 T_lat=25) (unchanged" in err
+    integrations.disable(pipe)
+
+
+def test_riflex_k_overrides_the_index_and_is_checked(fresh_plugins, monkeypatch, capsys):
+    pipe = tiny.build("wan")                                   # 4 temporal dims: components 1 and 2
+    monkeypatch.setenv("LVSA_RIFLEX", "1")
+    monkeypatch.setenv("LVSA_RIFLEX_K", "2")
+    integrations.enable(pipe)
+    try:
+        (cos, sin), (cos0, sin0) = _tables(pipe, "wan", LONG["wan"]["num_frames"])
+        # component 2 (period 2*pi*100 = 628 frames) already spans the 25-frame clip: lowering only,
+        # so the table stays diffusers' own and the line says why
+        assert pipe._lvsa_state.riflex.last_plan.k == 2 and not pipe._lvsa_state.riflex.last_plan.changed
+        assert torch.equal(cos, cos0) and torch.equal(sin, sin0)
+        assert "[LVSA] riflex k=2 period 628.3->628.3" in capsys.readouterr().err
+    finally:
+        integrations.disable(pipe)
+    monkeypatch.setenv("LVSA_RIFLEX_K", "3")
+    with pytest.raises(ValueError, match=r"riflex_k=3 is out of range: this Wan transformer has 2 temporal"):
+        integrations.enable(pipe)
+    assert not integrations.is_enabled(pipe)
+    assert all(type(m.processor).__name__ == "WanAttnProcessor" for n, m in pipe.transformer.named_modules()
+               if n.endswith("attn1"))
+
+
+def test_cogvideox_without_rope_is_refused_clearly(fresh_plugins):
+    pipe = tiny.build("cogvideox")
+    pipe.transformer.register_to_config(use_rotary_positional_embeddings=False)
+    with pytest.raises(ValueError, match="no rotary position embedding.*drop riflex"):
+        integrations.enable(pipe, riflex=True)
+    assert not integrations.is_enabled(pipe)
+    integrations.enable(pipe)  # without RIFLEx it is fine
+    integrations.disable(pipe)
