@@ -186,7 +186,7 @@ class Config:
     riflex: bool = _f(False, _p_bool, "LVSA_RIFLEX",
                       "RIFLEx: past the reference, lower the intrinsic temporal RoPE frequency")
     riflex_k: Optional[int] = _f(None, _p_opt_int(1), "LVSA_RIFLEX_K",
-                                 "RIFLEx component (1-based); auto = period closest to the reference")
+                                 "RIFLEx component (1-based); auto = first whose period spans the reference")
     wan_hook: bool = _f(True, _p_bool, "LVSA_WAN_HOOK",
                         "accepted for compatibility; under context parallelism lvsa hands off "
                         "(reason=context_parallel)")

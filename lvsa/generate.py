@@ -145,6 +145,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--reference-latent-frames", type=_positive_int, default=None, metavar="N",
                    help="the model's training horizon in latent frames (default: the model's own: 21 Wan, "
                         "33 HunyuanVideo 1.5, 13 CogVideoX); a different value is warned about")
+    s.add_argument("--riflex", action="store_true",
+                   help="RIFLEx: past the training horizon, lower the one temporal RoPE frequency that would "
+                        "repeat inside the clip (against the video looping; LVSA_RIFLEX=1)")
     s.add_argument("--no-lvsa", action="store_true",
                    help="dense baseline: run the unmodified pipeline (same seed, same outputs layout)")
     o = p.add_argument_group("outputs")
@@ -512,7 +515,7 @@ def decode_to_mp4(cmd: str, pipe, adapter, latent, out_path: str, fps: int, late
 # ============================================================== generate
 def _settings(args) -> Dict[str, Any]:
     s = {"backend": args.backend, "sparsity_scale": args.sparsity_scale,
-         "reference_latent_frames": args.reference_latent_frames}
+         "reference_latent_frames": args.reference_latent_frames, "riflex": args.riflex or None}
     return {k: v for k, v in s.items() if v is not None}
 
 

@@ -15,7 +15,10 @@ FAMILIES = ("wan", "hunyuan", "cogvideox")
 LONG = {"wan": dict(num_frames=97, height=32, width=32, num_inference_steps=2),        # T=25
         "hunyuan": dict(num_frames=145, height=32, width=32, num_inference_steps=2),   # T=37
         "cogvideox": dict(num_frames=65, height=32, width=32, num_inference_steps=2)}  # T=17
-REFERENCE = {"wan": 21, "hunyuan": 33, "cogvideox": 13}
+# The tiny models' temporal RoPE has periods 6.3 and 628 latent frames (HunyuanVideo: 6.3 only), so
+# at their own horizons RIFLEx has nothing to lower below T/0.9; a 5-frame reference makes the
+# 6.3-frame component the intrinsic one, and every later frame extrapolation.
+REF = 5
 
 
 def diffusers_freqs(dim, base):
@@ -23,29 +26,33 @@ def diffusers_freqs(dim, base):
     return [base ** (-(2 * i) / dim) for i in range(dim // 2)]
 
 
-def closest_period(freqs, L):
-    """1-based index of the frequency whose period 2*pi/theta is nearest L (paper Eq. 7), spelled out."""
-    best = None
+def first_spanning(freqs, L):
+    """1-based index of the highest frequency whose period 2*pi/theta is at least L, spelled out."""
     for j, th in enumerate(freqs, start=1):
-        d = abs(2 * math.pi / th - L)
-        if best is None or d < best[0]:
-            best = (d, j)
-    return best[1]
+        if 2 * math.pi / th >= L:
+            return j
+    return None
 
 
 # ------------------------------------------------------------------ the formula
-def test_intrinsic_index_reproduces_the_authors_hunyuanvideo_example():
-    # RIFLEx release: HunyuanVideo (b=256, d=16), repetition at N=48 latent frames -> k=4, period 50
-    freqs = diffusers_freqs(16, 256.0)
-    k = riflex.intrinsic_index(freqs, 48)
-    assert k == 4 and round(riflex.periods(freqs)[k - 1]) == 50
+@pytest.mark.parametrize("model, dim, base, L, k, period", [
+    ("HunyuanVideo", 16, 256.0, 33, 4, 50),     # the authors' release: --k 4 --N_k 50 (129 frames = 33 latent)
+    ("CogVideoX-5B", 16, 10000.0, 13, 2, 20),   # the authors' release: --k 2 --N_k 20 (49 frames = 13 latent)
+    ("Wan 2.1", 44, 10000.0, 21, 4, 22),        # 81 frames = 21 latent
+])
+def test_intrinsic_index_reproduces_the_published_choices(model, dim, base, L, k, period):
+    freqs = diffusers_freqs(dim, base)
+    assert riflex.intrinsic_index(freqs, L) == k == first_spanning(freqs, L)
+    assert round(riflex.periods(freqs)[k - 1]) == period
+    # a model none of whose periods reaches L uses its slowest component
+    assert riflex.intrinsic_index(freqs, 10 ** 9) == len(freqs)
 
 
 def test_plan_on_wan21_dims_follows_the_paper():
     freqs = diffusers_freqs(128 - 2 * 2 * (128 // 6), 10000.0)  # Wan 2.1 head 128: 44 temporal dims
     assert len(freqs) == 22
     p = riflex.plan(freqs, reference=21, target=41)
-    assert p.k == closest_period(freqs, 21) == 4
+    assert p.k == 4
     assert p.period == pytest.approx(2 * math.pi / freqs[3]) and 21 < p.period < 23
     assert p.new_theta == 0.9 * 2 * math.pi / 41               # theta'_k = 0.9 * 2pi / L'
     assert p.new_period == pytest.approx(41 / 0.9) and p.changed
@@ -54,7 +61,7 @@ def test_plan_on_wan21_dims_follows_the_paper():
         q = riflex.plan(freqs, reference=21, target=T)
         assert not q.changed and q.new_theta == q.theta
     # lowering only: a component whose period already spans the clip keeps its frequency
-    q = riflex.plan(freqs, reference=21, target=22, k=6)       # period ~50.9 > 22 / 0.9
+    q = riflex.plan(freqs, reference=21, target=22, k=6)       # period ~51 > 22 / 0.9
     assert not q.changed
     # riflex_k picks another component; the formula is the same
     q = riflex.plan(freqs, reference=21, target=41, k=5)       # period ~33.5 < 41 / 0.9
@@ -133,16 +140,15 @@ def _temporal(pipe, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tables_match_diffusers_except_the_intrinsic_component(family, fresh_plugins):
     pipe = tiny.build(family)
-    integrations.enable(pipe, riflex=True)
+    integrations.enable(pipe, riflex=True, reference_latent_frames=REF)
     try:
         t_dim, base = _temporal(pipe, family)
-        ref = REFERENCE[family]
-        k = closest_period(diffusers_freqs(t_dim, base), ref)
+        k = first_spanning(diffusers_freqs(t_dim, base), REF)
+        assert k == 1
         # past the reference: component k is at 0.9*2pi/T, every other column is diffusers' own
-        nf = LONG[family]["num_frames"]
-        (cos, sin), (cos0, sin0) = _tables(pipe, family, nf)
+        (cos, sin), (cos0, sin0) = _tables(pipe, family, LONG[family]["num_frames"])
         T = cos.shape[0]
-        assert T > ref
+        assert T > REF
         cols = [2 * (k - 1), 2 * (k - 1) + 1]
         rest = [c for c in range(cos.shape[-1]) if c not in cols]
         assert torch.equal(cos[..., rest], cos0[..., rest]) and torch.equal(sin[..., rest], sin0[..., rest])
@@ -154,10 +160,26 @@ def test_tables_match_diffusers_except_the_intrinsic_component(family, fresh_plu
             torch.testing.assert_close(sin[..., c:c + 1].double(), torch.sin(f * new).expand(T, cos.shape[1], 1),
                                        rtol=0, atol=1e-6)
         assert not torch.equal(cos[..., cols], cos0[..., cols])
-        # at or below the reference (and at the reference exactly): diffusers' own table, bit for bit
-        for nf in (4 * (ref - 1) + 1, 17):
+        # at and below the reference: diffusers' own table, bit for bit
+        for nf in (4 * (REF - 1) + 1, 9):
             (cos, sin), (cos0, sin0) = _tables(pipe, family, nf)
-            assert cos.shape[0] <= ref and torch.equal(cos, cos0) and torch.equal(sin, sin0)
+            assert cos.shape[0] <= REF and torch.equal(cos, cos0) and torch.equal(sin, sin0)
+    finally:
+        integrations.disable(pipe)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_tables_unchanged_where_the_intrinsic_period_already_spans_the_clip(family, fresh_plugins, capsys):
+    # at the tiny models' own horizons (21 / 13) the intrinsic component is the 628-frame one:
+    # lowering only, so the tables stay diffusers' own and the line says why
+    pipe = tiny.build(family)
+    integrations.enable(pipe, riflex=True)
+    try:
+        (cos, sin), (cos0, sin0) = _tables(pipe, family, LONG[family]["num_frames"])
+        assert torch.equal(cos, cos0) and torch.equal(sin, sin0)
+        p = pipe._lvsa_state.riflex.last_plan
+        assert p.k == 2 and not p.changed and p.target > p.reference
+        assert "period 628.3->628.3 latent frames" in capsys.readouterr().err
     finally:
         integrations.disable(pipe)
 
@@ -170,9 +192,9 @@ def test_round_trip_and_composition_with_sparse_attention(family, fresh_plugins,
     base = tiny.run_latent(pipe, family, **kw)
     (own,) = [_tables(pipe, family, kw["num_frames"])[1]]
 
-    integrations.enable(pipe)                                   # sparse attention alone
+    integrations.enable(pipe, reference_latent_frames=REF)      # sparse attention alone
     sparse = tiny.run_latent(pipe, family, **kw)
-    integrations.enable(pipe, riflex=True)                      # sparse attention + RIFLEx
+    integrations.enable(pipe, reference_latent_frames=REF, riflex=True)   # sparse attention + RIFLEx
     with tiny.EventRecorder() as rec:
         both = tiny.run_latent(pipe, family, **kw)
     s = integrations.last_summary(pipe)
@@ -203,22 +225,24 @@ def test_changes_nothing_at_or_below_the_reference(fresh_plugins, capsys):
     capsys.readouterr()
     assert torch.equal(tiny.run_latent(pipe, "wan", **kw), plain)
     err = capsys.readouterr().err
-    assert "[LVSA] riflex k=1 period 6.3->6.3 latent frames (reference=25 T_lat=25) (unchanged" in err
+    assert "[LVSA] riflex k=2 period 628.3->628.3 latent frames (reference=25 T_lat=25) (unchanged: T_lat <= " in err
     integrations.disable(pipe)
 
 
 def test_riflex_k_overrides_the_index_and_is_checked(fresh_plugins, monkeypatch, capsys):
-    pipe = tiny.build("wan")                                   # 4 temporal dims: components 1 and 2
+    pipe = tiny.build("wan")                                   # 4 temporal dims: periods 6.3 and 628
     monkeypatch.setenv("LVSA_RIFLEX", "1")
-    monkeypatch.setenv("LVSA_RIFLEX_K", "2")
+    monkeypatch.setenv("LVSA_RIFLEX_K", "1")
     integrations.enable(pipe)
     try:
         (cos, sin), (cos0, sin0) = _tables(pipe, "wan", LONG["wan"]["num_frames"])
-        # component 2 (period 2*pi*100 = 628 frames) already spans the 25-frame clip: lowering only,
-        # so the table stays diffusers' own and the line says why
-        assert pipe._lvsa_state.riflex.last_plan.k == 2 and not pipe._lvsa_state.riflex.last_plan.changed
-        assert torch.equal(cos, cos0) and torch.equal(sin, sin0)
-        assert "[LVSA] riflex k=2 period 628.3->628.3" in capsys.readouterr().err
+        T = cos.shape[0]
+        # component 1 instead of the automatic 2: columns 0-1 lowered, columns 2-3 untouched
+        assert pipe._lvsa_state.riflex.last_plan.k == 1
+        assert torch.equal(cos[..., 2:], cos0[..., 2:]) and torch.equal(sin[..., 2:], sin0[..., 2:])
+        f = torch.arange(T, dtype=torch.float64)
+        torch.testing.assert_close(cos[:, 0, 0].double(), torch.cos(f * 0.9 * 2 * math.pi / T), rtol=0, atol=1e-6)
+        assert "[LVSA] riflex k=1 period 6.3->27.8" in capsys.readouterr().err
     finally:
         integrations.disable(pipe)
     monkeypatch.setenv("LVSA_RIFLEX_K", "3")
@@ -237,3 +261,14 @@ def test_cogvideox_without_rope_is_refused_clearly(fresh_plugins):
     assert not integrations.is_enabled(pipe)
     integrations.enable(pipe)  # without RIFLEx it is fine
     integrations.disable(pipe)
+
+
+def test_generate_riflex_flag(tmp_path, monkeypatch, fresh_plugins, capsys):
+    from lvsa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--height", "32", "--width", "32", "--steps", "2", "--riflex",
+                 "--reference-latent-frames", str(REF), "--output-latent", "lat.pt"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("[LVSA] riflex k=1 period 6.3->27.8 latent frames (reference=5 T_lat=25)") == 1
+    assert "-> SPARSE" in err

@@ -9,10 +9,18 @@ The facts used here (the paper's notation, ``j = 1 … d/2`` over the temporal d
 
 * temporal component ``j`` turns at ``θ_j`` radians per latent frame; its period is
   ``N_j = 2π / θ_j`` latent frames (Eq. 4);
-* the intrinsic component ``k`` is the one whose period is closest to the training
-  length ``L`` in latent frames, ``k = argmin_j |N_j − L|`` (Eq. 7); ``L`` is the
-  family's reference horizon (21 Wan, 33 HunyuanVideo 1.5, 13 CogVideoX), or
-  ``reference_latent_frames`` when set; ``riflex_k`` overrides ``k``;
+* the intrinsic component ``k`` is the one behind the repetition: the authors pick it as
+  the component whose period is closest to the first repeated frame (Eq. 7), which lies
+  past the training length ``L``. lvsa derives it from ``L`` alone, without a run to
+  observe: ``k`` is the highest frequency whose period is at least ``L`` latent frames
+  (every faster component completes a period inside the training clips; this one is the
+  first that wraps only past them). With the models' own ``L`` this reproduces the
+  authors' published choices: HunyuanVideo (base 256, 16 temporal dims, L=33) k=4,
+  period 50; CogVideoX-5B (base 10000, 16 dims, L=13) k=2, period 20; for Wan 2.1 (44
+  dims, L=21) it gives k=4, period 22. ``L`` is the family's reference horizon (21 Wan,
+  33 HunyuanVideo 1.5, 13 CogVideoX) or ``reference_latent_frames`` when set;
+  ``riflex_k`` overrides ``k``. (A model none of whose periods reaches ``L`` uses its
+  slowest component.)
 * for a clip of ``L'`` latent frames the component is lowered so its period exceeds
   the clip (Eq. 8, ``θ'_k ≤ 2π / L'``); as in the authors' release, with a 10% margin:
   ``θ'_k = 0.9 · 2π / L'`` (period ``L' / 0.9``). A component whose period already
@@ -52,9 +60,15 @@ def periods(freqs: Sequence[float]) -> List[float]:
 
 
 def intrinsic_index(freqs: Sequence[float], train_length: int) -> int:
-    """The 1-based ``k`` whose period is closest to ``train_length`` latent frames (Eq. 7)."""
+    """The 1-based ``k`` of the highest frequency whose period spans ``train_length`` latent frames.
+
+    ``freqs`` run highest first (as RoPE builds them); without any such period, the slowest.
+    """
     ps = periods(freqs)
-    return min(range(len(ps)), key=lambda j: abs(ps[j] - train_length)) + 1
+    spanning = [j for j in range(len(ps)) if ps[j] >= train_length]
+    if spanning:
+        return min(spanning, key=lambda j: ps[j]) + 1
+    return max(range(len(ps)), key=lambda j: ps[j]) + 1
 
 
 def riflex_frequency(target_length: int) -> float:
