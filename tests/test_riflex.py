@@ -272,3 +272,15 @@ def test_generate_riflex_flag(tmp_path, monkeypatch, fresh_plugins, capsys):
     err = capsys.readouterr().err
     assert err.count("[LVSA] riflex k=1 period 6.3->27.8 latent frames (reference=5 T_lat=25)") == 1
     assert "-> SPARSE" in err
+
+
+def test_a_table_that_does_not_match_the_geometry_is_left_alone_loudly(fresh_plugins):
+    from lvsa.engine import Engine
+
+    rx = riflex.Riflex(Engine(family="wan", riflex=True), "wan")
+    cos, sin = torch.rand(1, 50, 1, 12), torch.rand(1, 50, 1, 12)  # half of T*P=25*4: a context-parallel shard
+    with tiny.EventRecorder() as rec:
+        out = rx.table(cos, sin, 25, 4, 4)
+    assert out[0] is cos and out[1] is sin
+    (w,) = rec.of("warning")
+    assert "50 rows, not T_lat*P=25*4" in w["message"] and "unchanged" in w["message"]

@@ -160,6 +160,7 @@ class Riflex:
         self.family = family
         self.k = engine.config.riflex_k
         self._announced: set = set()
+        self._generation: Optional[int] = None
         self.last_plan: Optional[RiflexPlan] = None
 
     def check_k(self, n_components: int, where: str) -> None:
@@ -176,7 +177,7 @@ class Riflex:
             # e.g. a table already sharded by context parallelism: say so, change nothing
             self._announce(("mismatch", rows, T), lambda: telemetry.emit("warning", message=(
                 f"riflex: the {self.family} rotary table has {rows} rows, not T_lat*P={T}*{tokens_per_frame}; "
-                "RIFLEx left it unchanged (context parallelism shards it before lvsa sees it)")))
+                "RIFLEx leaves it unchanged (diffusers context parallelism hands lvsa a sharded table)")))
             return cos, sin
         if T < 2:  # a single frame has no temporal frequency to read or change
             return cos, sin
@@ -191,7 +192,9 @@ class Riflex:
     def _announce(self, key, emit: Callable[[], Any]) -> None:
         from .. import telemetry
 
-        key = (telemetry.SESSION.generation,) + key  # once per generation (and geometry)
+        gen = telemetry.SESSION.generation  # once per generation (and geometry)
+        if gen != self._generation:
+            self._generation, self._announced = gen, set()
         if key not in self._announced:
             self._announced.add(key)
             emit()
