@@ -2,19 +2,20 @@
 
 ``import lvsa`` needs only torch; plugins (pluggy), backends and integrations load lazily.
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
+from .errors import BackendUnavailable, LVSAError, LVSAInputError, UnknownBackend  # noqa: E402
 from .mask import BlockMask, dense_mask  # noqa: E402
-from .schedule import (  # noqa: E402
-    PRESETS, Schedule, compute_key_frame_interval, get_preset, latent_frames, patches_per_frame,
-    plan_schedule)
-from .config import Config, detect_geometry  # noqa: E402
-from .api import attention, current_config  # noqa: E402
+from .geometry import detect_geometry, latent_frames, patches_per_frame  # noqa: E402
+from .presets import PRESETS, get_preset  # noqa: E402
+from .schedule import Schedule, compute_key_frame_interval, plan_schedule  # noqa: E402
+from .config import Config, current_config  # noqa: E402
+from .api import attention  # noqa: E402
 
 
 def __getattr__(name):
     # lazy: these pull in pluggy / diffusers only when used
-    if name in ("use_backend", "select_backend", "BackendUnavailable", "UnknownBackend"):
+    if name in ("use_backend", "select_backend"):
         from . import dispatch
         return getattr(dispatch, name)
     if name in ("enable", "disable"):
@@ -35,5 +36,5 @@ def __getattr__(name):
 __all__ = ["BlockMask", "dense_mask", "PRESETS", "Schedule", "compute_key_frame_interval",
            "get_preset", "latent_frames", "patches_per_frame", "plan_schedule", "Config",
            "detect_geometry", "attention", "current_config", "use_backend", "select_backend",
-           "BackendUnavailable", "UnknownBackend", "enable", "disable", "Engine",
+           "BackendUnavailable", "UnknownBackend", "LVSAError", "LVSAInputError", "enable", "disable", "Engine",
            "session_summary", "backends", "__version__"]

@@ -1,23 +1,11 @@
 """The low-level public entry point: :func:`attention` over a given :class:`BlockMask`."""
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
-from .config import Config
+from .config import Config, current_config  # noqa: F401 (current_config: re-export)
+from .errors import LVSAInputError
 from .mask import BlockMask
-
-
-@functools.lru_cache(maxsize=16)
-def _config_for(env_items: tuple) -> Config:
-    return Config.load(env=dict(env_items))
-
-
-def current_config() -> Config:
-    """The configuration from the current ``LVSA_*`` environment (cached per environment)."""
-    items = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("LVSA_")))
-    return _config_for(items)
 
 
 def attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale: Optional[float] = None,
@@ -45,7 +33,11 @@ def attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale: Optiona
     torch.Tensor
         ``[B, S, H, D]`` in ``q``'s dtype.
     """
-    from .dispatch import run_attention
+    if not isinstance(mask, BlockMask):
+        raise LVSAInputError(
+            f"mask must be a lvsa.BlockMask, got {type(mask).__name__}: plan one with "
+            "lvsa.plan_schedule(T, W, n, reference).mask_for_step(step) (or lvsa.dense_mask(T))")
+    from .dispatch import run_attention  # lazy: pluggy loads on the first call, not on import
 
     out, _, _ = run_attention(q, k, v, mask, text_k, text_v, scale, backend=backend,
                            config=config, origin="lvsa.attention")

@@ -1,9 +1,24 @@
-"""The backend protocol: capabilities as attributes, refusals as reasons, plan/run.
+"""The backend protocol: a backend describes itself, refuses with reasons, plans and runs.
 
-A backend executes a :class:`~lvsa.mask.BlockMask`. It declares what it supports
-as class attributes; :meth:`Backend.supports` turns them into a list of reasons
-(empty = can run), each naming the actual and the allowed value. Backends
-register through the ``lvsa_register_backends`` hook (see :mod:`lvsa.hookspecs`).
+A backend executes a :class:`~lvsa.mask.BlockMask`. It declares, as class attributes,
+everything the core needs to know about it:
+
+* what it runs: :attr:`~Backend.devices`, :attr:`~Backend.dtypes`,
+  :attr:`~Backend.head_dims` / :attr:`~Backend.max_head_dim`, GQA, text tokens, batch,
+  compute capability, the packages it :attr:`~Backend.requires`;
+* its automatic-selection rank per device kind (:attr:`~Backend.priority`);
+* how to install what it lacks (:attr:`~Backend.install_hint`);
+* the ``LVSA_*`` variables it reads (:attr:`~Backend.settings`, listed by
+  ``lvsa info --vars`` and validated like lvsa's own);
+* the tolerances its outputs meet against float64 attention (:attr:`~Backend.tolerances`,
+  checked by the conformance suite :mod:`lvsa.testing`).
+
+:meth:`Backend.not_supported_reasons` turns the declarations into a list of reasons
+(empty = can run), each naming the actual and the allowed value. Execution is strictly
+two-phase: :meth:`Backend.plan` prepares a mask for one problem (the dispatcher calls it
+once per distinct mask and shape and keeps the one plan cache), :meth:`Backend.run`
+takes that plan only. Backends register through the ``lvsa_register_backends`` hook
+(see :mod:`lvsa.hookspecs`).
 
 Tensors use the layout ``[B, S, H, D]`` (batch, tokens, heads, head dim); K/V may
 have fewer heads than Q (GQA, ``H % Hkv == 0``); optional text K/V ``[B, L, Hkv, D]``
@@ -12,8 +27,9 @@ are attended by every video query.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -24,7 +40,12 @@ ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclass(frozen=True)
 class Problem:
-    """Everything a backend needs to decide whether it can run one attention call."""
+    """Everything a backend needs to decide whether it can run one attention call.
+
+    ``device`` is the torch device of the tensors; ``device_kind`` and ``device_index``
+    are its type and index (filled from ``device`` when given, and the other way round;
+    ``device`` stays ``None`` for a device type this torch does not know).
+    """
 
     device_kind: str  # "cuda" | "npu" | "cpu" | other torch device types
     dtype: torch.dtype
@@ -38,6 +59,21 @@ class Problem:
     P: int = 1
     compute_capability: Optional[Tuple[int, int]] = None
     device_index: Optional[int] = None
+    device: Optional[torch.device] = None
+
+    def __post_init__(self):
+        if self.device is None:
+            try:
+                dev = torch.device(self.device_kind if self.device_index is None
+                                   else f"{self.device_kind}:{self.device_index}")
+            except RuntimeError:  # a device type torch does not know yet (npu without torch_npu)
+                dev = None
+            object.__setattr__(self, "device", dev)
+        else:
+            dev = torch.device(self.device)
+            object.__setattr__(self, "device", dev)
+            object.__setattr__(self, "device_kind", dev.type)
+            object.__setattr__(self, "device_index", dev.index)
 
     @property
     def gqa(self) -> bool:
@@ -54,13 +90,22 @@ class Problem:
             text_len=0 if text_k is None else text_k.shape[1], T=mask.num_frames,
             P=q.shape[1] // max(mask.num_frames, 1),
             compute_capability=compute_capability(dev) if dev.type == "cuda" else None,
-            device_index=dev.index,
+            device_index=dev.index, device=dev,
         )
 
 
+#: default output tolerances ``(atol, rtol)`` against float64 attention, by dtype
+DEFAULT_TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
 class Backend:
-    """Base class of every backend. Subclasses set the capability attributes and
-    implement :meth:`run` (and, when it pays, :meth:`plan`)."""
+    """Base class of every backend. Subclasses set the declarations and implement
+    :meth:`run` (and, when it pays, :meth:`plan`)."""
 
     #: unique name users select with (``LVSA_BACKEND=name``)
     name: str = ""
@@ -76,30 +121,68 @@ class Backend:
     min_compute_capability: Optional[Tuple[int, int]] = None
     #: importable modules it needs (checked with ``importlib.util.find_spec``)
     requires: Tuple[str, ...] = ()
+    #: how to get what it needs, e.g. ``"pip install lvsa-cuda[flashinfer]"``
+    #: (used in the reasons for a missing package; default ``pip install <package>``)
+    install_hint: str = ""
+    #: automatic-selection rank per device kind: higher is tried first. ``None`` ranks it
+    #: :data:`DEFAULT_PRIORITY` on each of its :attr:`devices`; a device kind missing from
+    #: the dict means auto never picks it there (it still runs when named).
+    priority: Optional[Dict[str, int]] = None
+    #: the ``LVSA_*`` variables it reads (:class:`lvsa.config.Setting`)
+    settings: Tuple[Any, ...] = ()
+    #: ``dtype -> (atol, rtol)`` its outputs meet against float64 masked attention
+    tolerances: Dict[torch.dtype, Tuple[float, float]] = DEFAULT_TOLERANCES
     #: a one-line description for ``lvsa info``
     description: str = ""
     #: filled in at registration: the distribution that registered it
     distribution: str = "?"
     distribution_version: str = "?"
 
+    #: the rank of a backend that declares no :attr:`priority` (above the reference's 0)
+    DEFAULT_PRIORITY = 10
+
     # ------------------------------------------------------------ capabilities
+    def auto_rank(self, device_kind: str) -> Optional[int]:
+        """Its rank in automatic selection on ``device_kind`` (``None``: never automatic)."""
+        if self.priority is None:
+            return self.DEFAULT_PRIORITY if device_kind in self.devices else None
+        return self.priority.get(device_kind)
+
+    def tolerance(self, dtype: torch.dtype) -> Tuple[float, float]:
+        return self.tolerances.get(dtype, DEFAULT_TOLERANCES.get(dtype, (1e-2, 1e-2)))
+
+    def setting(self, env: str, environ=None):
+        """The parsed value of one of its declared :attr:`settings`."""
+        for st in self.settings:
+            if st.env == env:
+                return st.read(environ)
+        raise KeyError(f"backend {self.name!r} declares no setting {env!r}")
+
     def missing_packages(self) -> List[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
 
     def availability_reasons(self) -> List[str]:
         """Reasons that hold whatever the problem (missing packages, no device)."""
-        return [f"package {m!r} is not installed (pip install {m.replace('_', '-')})"
+        return [f"package {m!r} is not installed "
+                f"({self.install_hint or 'pip install ' + m.replace('_', '-')})"
                 for m in self.missing_packages()]
 
-    def supports(self, problem: Problem) -> List[str]:
+    def not_supported_reasons(self, problem: Problem) -> List[str]:
         """Reasons this backend cannot run ``problem``; empty when it can."""
+        if type(self).supports is not Backend.supports:  # a backend written for the old name
+            return list(self.supports(problem))
+        return self._declared_reasons(problem)
+
+    def _declared_reasons(self, problem: Problem) -> List[str]:
         r = list(self.availability_reasons())
         if problem.device_kind not in self.devices:
             r.append(f"device is {problem.device_kind}, {self.name} runs on {'/'.join(self.devices)}")
         if problem.dtype not in self.dtypes:
             allowed = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             r.append(f"dtype is {str(problem.dtype).replace('torch.', '')}, allowed: {allowed}")
-        if self.head_dims is not None and problem.head_dim not in self.head_dims:
+        if problem.head_dim < 1:
+            r.append(f"head_dim is {problem.head_dim}, allowed: >= 1")
+        elif self.head_dims is not None and problem.head_dim not in self.head_dims:
             r.append(f"head_dim is {problem.head_dim}, allowed: {', '.join(map(str, self.head_dims))}")
         elif problem.head_dim > self.max_head_dim:
             r.append(f"head_dim is {problem.head_dim}, allowed: <= {self.max_head_dim}")
@@ -119,25 +202,32 @@ class Backend:
         r.extend(self.extra_reasons(problem))
         return r
 
+    def supports(self, problem: Problem) -> List[str]:
+        """Deprecated name of :meth:`not_supported_reasons` (it returns reasons, not a bool)."""
+        warnings.warn("Backend.supports() is deprecated: call not_supported_reasons()",
+                      DeprecationWarning, stacklevel=2)
+        return self._declared_reasons(problem)
+
     def extra_reasons(self, problem: Problem) -> Iterable[str]:
         """Backend-specific refusals (override)."""
         return ()
 
     # ------------------------------------------------------------- execution
     def plan(self, mask: BlockMask, problem: Problem) -> Any:
-        """Prepare to run ``mask`` on problems shaped like ``problem``; called once per
-        distinct (mask, shape) and cached by the dispatcher. Default: the mask itself."""
+        """Prepare to run ``mask`` on problems shaped like ``problem`` (on
+        ``problem.device``). Called once per distinct (mask, shape); the dispatcher
+        caches the result. Default: the mask itself."""
         return mask
 
-    def run(self, handle: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def run(self, plan: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             text_k: Optional[torch.Tensor] = None, text_v: Optional[torch.Tensor] = None,
             scale: Optional[float] = None) -> torch.Tensor:
         """Block-sparse attention.
 
         Parameters
         ----------
-        handle : object
-            What :meth:`plan` returned.
+        plan : object
+            What :meth:`plan` returned (never a raw mask: plan first).
         q : torch.Tensor
             ``[B, S, H, D]`` video queries, ``S = T * P``.
         k, v : torch.Tensor

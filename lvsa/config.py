@@ -13,14 +13,17 @@ Every bad value raises ``ValueError`` naming the variable, the value and what is
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .schedule import FAMILY_REFERENCE, patches_per_frame, video_to_latent
+from .geometry import GeometryResult, detect_geometry, patches_per_frame, video_to_latent  # noqa: F401
+from .presets import FAMILY_REFERENCE
 
 DEFAULT_PPF = (1560,)
 
@@ -145,6 +148,17 @@ def mask_log_wants(spec, step: int, already_logged: bool) -> bool:
     return step in spec[1:]
 
 
+#: the parsers, for backends and plugins declaring their own settings (:class:`Setting`)
+p_int = _p_int
+p_opt_int = _p_opt_int
+p_float = _p_float
+p_bool = _p_bool
+
+
+def p_str(var, value):
+    return str(value)
+
+
 # ------------------------------------------------------------------ fields
 def _f(default, parser, env, doc):
     return field(default=default, metadata={"parse": parser, "env": env, "doc": doc})
@@ -157,14 +171,16 @@ class Config:
     window_size: int = _f(12, _p_int(0), "LVSA_WINDOW_SIZE", "window half-width, video frames")
     n_first_frames: int = _f(4, _p_int(0), "LVSA_N_FIRST_FRAMES", "leading global frames, video frames")
     key_frame_interval: int = _f(16, _p_int(1), "LVSA_KEY_FRAME_INTERVAL",
-                                 "fixed keyframe interval (latent) when auto is off")
+                                 "fixed keyframe interval when auto is off, video frames "
+                                 "(// vae_temporal_factor: 16 = 4 latent)")
     auto_keyframes: bool = _f(True, _p_bool, "LVSA_AUTO_KEYFRAMES", "compute kfi from the reference horizon")
     rotate_keyframes: bool = _f(True, _p_bool, "LVSA_ROTATE_KEYFRAMES", "shift the keyframe grid each step")
     expand_window: bool = _f(True, _p_bool, "LVSA_EXPAND_WINDOW", "expanded windows")
     sparsity_scale: float = _f(1.0, _p_pos_float, "LVSA_SPARSITY_SCALE",
                                "multiplier on the attention budget (<1 sparser)")
     reference_latent_frames: Optional[int] = _f(None, _p_opt_int(1), "LVSA_REFERENCE_LATENT_FRAMES",
-                                                "training horizon; 21 Wan, 33 HunyuanVideo, 13 CogVideoX")
+                                                "training horizon; " + ", ".join(
+                                                    f"{v} {k}" for k, v in FAMILY_REFERENCE.items()))
     backend: str = _f("auto", _p_backend, "LVSA_BACKEND", "backend name or auto")
     patches_per_frame: Optional[Tuple[int, ...]] = _f(None, _p_ppf, "LVSA_PATCHES_PER_FRAME",
                                                       "candidate P values, comma list")
@@ -234,17 +250,30 @@ class Config:
             sources[key] = "argument"
         cfg = cls(**values)
         object.__setattr__(cfg, "_sources", sources)
-        cfg._warn_deprecated()
+        cfg._check_video_frames()
+        for msg in cfg.deprecation_notices():
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
         return cfg
 
-    def _warn_deprecated(self):
+    def _check_video_frames(self):
+        """A keyframe interval the user set in video frames must be a latent frame at least."""
+        if self.is_set("key_frame_interval") and self.latent_key_frame_interval(clamp=False) < 1:
+            t = self.vae_temporal_factor
+            src = self.sources["key_frame_interval"]
+            var = "LVSA_KEY_FRAME_INTERVAL" if src.startswith("LVSA_") else src
+            raise ValueError(
+                f"{var}={self.key_frame_interval} is in video frames: // vae_temporal_factor {t} "
+                f"gives 0 latent frames; use a multiple of {t} (16 video frames = {16 // t} latent)")
+
+    def deprecation_notices(self) -> List[str]:
+        """One message per deprecated setting in use (the engine prints them as
+        ``[LVSA] WARNING`` lines; :meth:`load` also raises them as DeprecationWarning)."""
+        out = []
         for name, var in (("schedule_start", "LVSA_SCHEDULE_START"), ("schedule_end", "LVSA_SCHEDULE_END")):
             if getattr(self, name):
-                msg = (f"{var}={getattr(self, name)} is deprecated and has no effect on the schedule; "
-                       "use LVSA_SPARSITY_SCALE (e.g. 0.8 for a sparser run)")
-                warnings.warn(msg, DeprecationWarning, stacklevel=3)
-                from . import telemetry  # lazy: only when the warning is due
-                telemetry.emit("warning", message=msg)
+                out.append(f"{var}={getattr(self, name)} is deprecated and has no effect on the "
+                           "schedule; use LVSA_SPARSITY_SCALE (e.g. 0.8 for a sparser run)")
+        return out
 
     def replace(self, **kwargs) -> "Config":
         by_name = {f.name: f for f in dataclasses.fields(self)}
@@ -255,6 +284,7 @@ class Config:
             parsed[k] = v if v is None else by_name[k].metadata["parse"](k, v)
         new = dataclasses.replace(self, **parsed)
         object.__setattr__(new, "_sources", {**self.sources, **{k: "argument" for k in kwargs}})
+        new._check_video_frames()
         return new
 
     @property
@@ -271,6 +301,12 @@ class Config:
 
     def latent_first_frames(self) -> int:
         return video_to_latent(self.n_first_frames, self.vae_temporal_factor)
+
+    def latent_key_frame_interval(self, clamp: bool = True) -> int:
+        """``key_frame_interval`` (video frames) in latent frames, like the window and the
+        first frames: ``// vae_temporal_factor`` (16 → 4), at least 1."""
+        k = video_to_latent(self.key_frame_interval, self.vae_temporal_factor)
+        return max(1, k) if clamp else k
 
     def reference_for(self, family: Optional[str] = None) -> int:
         if self.reference_latent_frames is not None:
@@ -302,51 +338,70 @@ class Config:
         return {k: env[k] for k in sorted(env) if k in keys or k.startswith("LVSA_")}
 
 
-def env_table() -> str:
-    """Markdown table of every variable (used by ``lvsa info --vars`` and the README)."""
+@functools.lru_cache(maxsize=16)
+def _config_for(env_items: tuple) -> Config:
+    return Config.load(env=dict(env_items))
+
+
+def current_config() -> Config:
+    """The configuration from the current ``LVSA_*`` environment (cached per environment)."""
+    items = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("LVSA_")))
+    return _config_for(items)
+
+
+# ------------------------------------------------- settings owned elsewhere
+@dataclass(frozen=True)
+class Setting:
+    """A variable owned by a backend or plugin (``Backend.settings``, or the
+    ``lvsa_settings`` hook): listed by ``lvsa info --vars`` and parsed like a
+    :class:`Config` field (a bad value is a ``ValueError`` naming the variable).
+
+    ``parse(var, raw)`` turns the raw string into the value (use the ``p_*`` parsers of
+    this module or raise ``ValueError`` naming ``var``); ``default`` is returned unset.
+    """
+
+    env: str
+    parse: Callable[[str, Any], Any]
+    default: Any = None
+    doc: str = ""
+    owner: str = ""
+
+    def read(self, env: Optional[Mapping[str, str]] = None) -> Any:
+        env = os.environ if env is None else env
+        raw = env.get(self.env)
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return self.default
+        return self.parse(self.env, raw)
+
+
+#: names lvsa itself reads besides the Config fields
+CORE_VARIABLES = ("LVSA_CONFIG", "LVSA_LOAD_PLUGINS")
+
+
+def known_variables(extra: Iterable[Setting] = ()) -> List[str]:
+    return sorted(set(Config.fields_by_env()) | set(CORE_VARIABLES) | {s.env for s in extra})
+
+
+def unknown_variables(env: Optional[Mapping[str, str]] = None,
+                      extra: Iterable[Setting] = ()) -> Dict[str, Optional[str]]:
+    """``LVSA_*`` names in ``env`` that nothing reads → the nearest known name (or None)."""
+    env = os.environ if env is None else env
+    known = known_variables(extra)
+    out: Dict[str, Optional[str]] = {}
+    for k in sorted(env):
+        if k.startswith("LVSA_") and k not in known:
+            # compare without the shared prefix, so LVSA_FOO is not "near" everything
+            near = difflib.get_close_matches(k[5:], [n[5:] for n in known], n=1, cutoff=0.6)
+            out[k] = "LVSA_" + near[0] if near else None
+    return out
+
+
+def env_table(extra: Iterable[Setting] = ()) -> str:
+    """Markdown table of every variable (used by ``lvsa info --vars`` and the README);
+    ``extra``: settings declared by installed backends and plugins."""
     rows = ["| variable | field | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(Config):
         rows.append(f"| {f.metadata['env']} | {f.name} | {f.default!r} | {f.metadata['doc']} |")
+    for st in sorted(extra, key=lambda x: x.env):
+        rows.append(f"| {st.env} | ({st.owner or 'plugin'}) | {st.default!r} | {st.doc} |")
     return "\n".join(rows)
-
-
-# --------------------------------------------------------- geometry detection
-@dataclass(frozen=True)
-class GeometryResult:
-    """``(T, P)`` for a sequence, or why not (``reason`` is a fallback reason code)."""
-
-    seq_len: int
-    text_len: int
-    T: Optional[int] = None
-    P: Optional[int] = None
-    reason: Optional[str] = None
-    detail: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-
-def detect_geometry(seq_len: int, candidates: Tuple[int, ...], text_len: int = 0,
-                    total_latent_frames: Optional[int] = None) -> GeometryResult:
-    """Find ``(T, P)`` with ``T * P == seq_len - text_len`` for the first candidate P that fits.
-
-    Reasons: ``geometry_detect`` (no candidate P divides the video part) and
-    ``no_t_lat`` (the sequence holds no whole latent frame, or the frame count
-    disagrees with ``LVSA_TOTAL_LATENT_FRAMES``).
-    """
-    video = seq_len - text_len
-    if video <= 0:
-        return GeometryResult(seq_len, text_len, reason="no_t_lat",
-                              detail={"text_len": text_len, "video_len": video})
-    if total_latent_frames:
-        if video % total_latent_frames == 0:
-            P = video // total_latent_frames
-            return GeometryResult(seq_len, text_len, total_latent_frames, P)
-        return GeometryResult(seq_len, text_len, reason="no_t_lat",
-                              detail={"total_latent_frames": total_latent_frames, "video_len": video})
-    for P in candidates:
-        if video % P == 0:
-            return GeometryResult(seq_len, text_len, video // P, P)
-    return GeometryResult(seq_len, text_len, reason="geometry_detect",
-                          detail={"known_ppf": list(candidates)})

@@ -5,8 +5,11 @@ Selection precedence (highest first; documented in the README):
 1. the ``backend=`` argument of :func:`lvsa.attention` / ``lvsa.enable`` / ``--backend``
 2. the innermost :func:`use_backend` context manager
 3. ``LVSA_BACKEND`` (or ``LVSA_CONFIG``'s ``backend``)
-4. ``auto``: the first backend of :data:`AUTO_PRIORITY` for the device kind that
-   supports the problem; every earlier refusal is recorded with its reasons.
+4. ``auto``: the registered backends ranked for the device kind (each declares its
+   :attr:`~lvsa.backend.Backend.priority`; highest first, ties by name) are tried in
+   turn; the first that supports the problem runs, every earlier refusal is recorded
+   with its reasons. The core names no backend but the built-in ``reference`` (rank 0
+   everywhere: the last resort).
 
 A backend named explicitly (1–3) that cannot run raises :class:`BackendUnavailable`
 listing its reasons: never a quiet substitute. In ``auto`` mode a backend that
@@ -17,41 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from . import plugins, telemetry
 from .backend import Problem
+from .config import current_config
+from .errors import BackendUnavailable, UnknownBackend  # noqa: F401 (re-export)
 from .mask import BlockMask
-
-#: Automatic order per device kind. Backends registered by other distributions and
-#: not listed here are tried after the listed fast ones, before ``reference``.
-#: CUDA order from the H200 measurements (benchmarks/results/attention-h200-*.md):
-#: flashinfer is 7-13 % faster than triton at every T >= 41 and beats the reference at
-#: every sparse shape (1.01-1.44x); triton needs no extra package and beats the reference
-#: 1.23-1.30x at Wan 1.3B T81/T121/batch 2 and 1.11x at HunyuanVideo T65+text, but is
-#: 3 % slower at Wan 14B T81 (40 heads) and at near-dense masks; flex (FlexAttention) is
-#: slower than the reference at every measured shape, so it is never chosen
-#: automatically (``backend="flex"`` still selects it).
-AUTO_PRIORITY: Dict[str, Tuple[str, ...]] = {
-    "cuda": ("flashinfer", "triton", "reference", "flex"),
-    "npu": ("ascend", "reference"),
-    "cpu": ("reference",),
-}
-
-PROVIDED_BY = {"triton": "lvsa-cuda", "flashinfer": "lvsa-cuda[flashinfer]", "flex": "lvsa-flex",
-               "ascend": "lvsa-ascend", "reference": "lvsa"}
-
-
-class UnknownBackend(ValueError):
-    pass
-
-
-class BackendUnavailable(RuntimeError):
-    def __init__(self, message: str, refused: Dict[str, List[str]]):
-        super().__init__(message)
-        self.refused = refused
-
 
 _ctx_backend: contextvars.ContextVar = contextvars.ContextVar("lvsa_backend", default=None)
 
@@ -86,7 +65,6 @@ def requested_backend(explicit: Optional[str] = None, config=None) -> Tuple[str,
     if ctx:
         return ctx, "context"
     if config is None:
-        from .api import current_config
         config = current_config()
     if config.backend and config.backend != "auto":
         return config.backend, config.sources.get("backend", "config")
@@ -94,25 +72,22 @@ def requested_backend(explicit: Optional[str] = None, config=None) -> Tuple[str,
 
 
 def auto_order(device_kind: str) -> List[str]:
-    listed = list(AUTO_PRIORITY.get(device_kind, ("reference",)))
-    extra = sorted(n for n in plugins.backends() if n not in set().union(*AUTO_PRIORITY.values()))
-    if "reference" in listed:
-        i = listed.index("reference")
-        return listed[:i] + extra + listed[i:]
-    return listed + extra
+    """Registered backends automatic selection tries on ``device_kind``, in order."""
+    ranked = []
+    for name, bk in plugins.backends().items():
+        rank = bk.auto_rank(device_kind)
+        if rank is not None:
+            ranked.append((-rank, name))
+    return [name for _, name in sorted(ranked)]
 
 
 def explain(problem: Problem) -> Dict[str, List[str]]:
-    """Every registered or expected backend → its reasons for ``problem`` (empty = can run)."""
-    out: Dict[str, List[str]] = {}
+    """Every registered backend → its reasons for ``problem`` (empty = can run): the auto
+    order first, then the backends auto never picks on this device."""
     bks = plugins.backends()
     order = auto_order(problem.device_kind)
-    known = set(bks).union(*AUTO_PRIORITY.values())
-    for name in order + sorted(known - set(order)):
-        bk = bks.get(name)
-        out[name] = (bk.supports(problem) if bk is not None else
-                     [f"not installed (pip install {PROVIDED_BY.get(name, name)})"])
-    return out
+    return {name: bks[name].not_supported_reasons(problem)
+            for name in order + sorted(set(bks) - set(order))}
 
 
 _selection_cache: Dict[tuple, Selection] = {}
@@ -129,7 +104,7 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
         return hit
     if name != "auto":
         bk = plugins.get_backend(name)
-        reasons = bk.supports(problem)
+        reasons = bk.not_supported_reasons(problem)
         if reasons:
             raise BackendUnavailable(
                 f"backend {name!r} (selected by {source}) cannot run this problem "
@@ -142,11 +117,8 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
         bks = plugins.backends()
         sel = None
         for cand in auto_order(problem.device_kind):
-            bk = bks.get(cand)
-            if bk is None:
-                refused[cand] = [f"not installed (pip install {PROVIDED_BY.get(cand, cand)})"]
-                continue
-            reasons = bk.supports(problem)
+            bk = bks[cand]
+            reasons = bk.not_supported_reasons(problem)
             failed = _runtime_failures.get((problem, cand))
             if failed:
                 reasons = reasons + [f"raised at run time on this problem: {failed}"]
@@ -165,32 +137,40 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
     return sel
 
 
-def _plan(backend, mask: BlockMask, problem: Problem):
-    shape_key = (problem.batch, problem.seq_len, problem.num_heads, problem.num_kv_heads,
-                 problem.head_dim, problem.text_len, str(problem.dtype), problem.device_kind,
-                 problem.device_index)
-    return mask.cached(("plan", backend.name, id(backend), shape_key),
-                       lambda: _timed_plan(backend, mask, problem))
+#: the one plan cache: (backend, mask, problem) -> the backend's plan, least recently used
+#: dropped first. A generation uses at most ``min(kfi, steps)`` masks per shape.
+PLAN_CACHE_SIZE = 512
+_plans: "OrderedDict[tuple, object]" = OrderedDict()
+_plans_lock = threading.Lock()
 
 
-def _timed_plan(backend, mask, problem):
-    import time
-
+def plan_for(backend, mask: BlockMask, problem: Problem):
+    """``backend.plan(mask, problem)``, built once per distinct (backend, mask, problem)."""
+    key = (backend, mask, problem)
+    with _plans_lock:
+        hit = _plans.get(key)
+        if hit is not None:
+            _plans.move_to_end(key)
+            return hit
     t = time.perf_counter()
     handle = backend.plan(mask, problem)
     telemetry.emit("plan_built", backend=backend.name, offset=mask.offset, T=mask.num_frames,
                    seconds=time.perf_counter() - t)
+    with _plans_lock:
+        handle = _plans.setdefault(key, handle)
+        while len(_plans) > PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
     return handle
 
 
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
                   backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
-                  validated: bool = False):
+                  validated: bool = False, record: Optional[telemetry.Counts] = None):
     """Validate, select, plan (cached) and run; the single fallback decision point.
 
-    Returns ``(out, backend_name, fell_back)``.
+    ``record``: the generation's :class:`~lvsa.telemetry.Counts` (the engine's), counted
+    together with the session. Returns ``(out, backend_name, fell_back)``.
     """
-    from .api import current_config
     from .ops import validate_inputs
 
     config = config or current_config()
@@ -199,9 +179,9 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
     problem = Problem.from_tensors(q, k, mask, text_k)
     sel = select_backend(problem, backend, config)
     try:
-        handle = _plan(sel.backend, mask, problem)
+        handle = plan_for(sel.backend, mask, problem)
         out = sel.backend.run(handle, q, k, v, text_k, text_v, scale)
-        telemetry.count_call("sparse", sel.name)
+        telemetry.count_call("sparse", sel.name, record)
         return out, sel.name, False
     except Exception as e:  # noqa: BLE001 - decided below, never swallowed silently
         if not sel.auto or config.strict or sel.name == "reference":
@@ -211,15 +191,53 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         # instead of paying for the same failure on every layer and step
         _runtime_failures[(problem, sel.name)] = msg
         _selection_cache.clear()
-        telemetry.emit("fallback", origin=origin, reason="backend_error",
-                       seq_len=q.shape[1] + (0 if text_k is None else text_k.shape[1]),
-                       backend=sel.name, error=repr(msg), to="reference", warn=config.warn_fallback)
+        telemetry.fallback(origin, "backend_error",
+                           q.shape[1] + (0 if text_k is None else text_k.shape[1]), record,
+                           warn=config.warn_fallback, backend=sel.name, error=repr(msg),
+                           to="reference")
         ref = plugins.get_backend("reference")
-        out = ref.run(_plan(ref, mask, problem), q, k, v, text_k, text_v, scale)
-        telemetry.count_call("sparse", "reference")
+        out = ref.run(plan_for(ref, mask, problem), q, k, v, text_k, text_v, scale)
+        telemetry.count_call("sparse", "reference", record)
         return out, "reference", True
+
+
+def check_requested(device=None, dtype=None, head_dim: int = 128, num_heads: int = 1,
+                    num_kv_heads: Optional[int] = None, text_len: int = 0, batch: int = 1,
+                    requested: Optional[str] = None, config=None) -> Optional[str]:
+    """Check the backend a run will ask for by name, before anything heavy is loaded.
+
+    The name comes by the usual precedence (``requested`` → :func:`use_backend` →
+    ``LVSA_BACKEND``/``LVSA_CONFIG``). ``auto`` returns ``None`` (the reference always
+    runs). A named backend returns its name when it can run attention of this kind on
+    ``device`` (a ``torch.device`` or string, default: lvsa's default device), else raises
+    :class:`UnknownBackend` (not registered; the message lists what is) or
+    :class:`BackendUnavailable` (its reasons: missing package, device, dtype, head dim...).
+    """
+    import torch
+
+    from .devices import compute_capability, default_device
+
+    name, source = requested_backend(requested, config)
+    if name == "auto":
+        return None
+    bk = plugins.get_backend(name)
+    dev = torch.device(device) if device is not None else default_device()
+    problem = Problem(dev.type, dtype or torch.bfloat16, batch, 1, num_heads,
+                      num_kv_heads or num_heads, head_dim, text_len=text_len, T=1, P=1,
+                      compute_capability=compute_capability(dev) if dev.type == "cuda" else None,
+                      device=dev)
+    reasons = bk.not_supported_reasons(problem)
+    if reasons:
+        raise BackendUnavailable(
+            f"backend {name!r} (selected by {source}) cannot run on {dev} "
+            f"({str(problem.dtype).replace('torch.', '')}, head_dim={head_dim}): "
+            + "; ".join(reasons) + ". Pick another backend or unset the selection to use auto.",
+            {name: reasons})
+    return name
 
 
 def clear_caches():
     _selection_cache.clear()
     _runtime_failures.clear()
+    with _plans_lock:
+        _plans.clear()

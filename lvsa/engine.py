@@ -11,8 +11,9 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from . import telemetry
-from .config import Config, GeometryResult, detect_geometry
-from .ops import dense_attention
+from .config import Config, mask_log_wants
+from .geometry import GeometryResult, detect_geometry
+from .ops import dense_attention, validate_inputs
 from .schedule import plan_schedule
 
 
@@ -45,8 +46,12 @@ class Engine:
         self._reference: int = config.reference_for(family)
         self._geo_cache: Dict[Tuple[int, int], GeometryResult] = {}
         self._gen: Dict[str, Any] = {}
+        #: this generation's calls and fallbacks (fed with the session's, by telemetry)
+        self.counts = telemetry.Counts()
         self._last_device = None
         self._step_t0: Optional[float] = None
+        for msg in config.deprecation_notices():
+            telemetry.emit("warning", message=msg)
         if config.window_size and not config.latent_window():
             telemetry.emit("warning", message=(
                 f"window_size={config.window_size} video frames is W=0 latent frames "
@@ -101,14 +106,15 @@ class Engine:
         c = self.config
         return plan_schedule(
             T, c.latent_window(), c.latent_first_frames(), self._reference, c.sparsity_scale,
-            None if c.auto_keyframes else c.key_frame_interval, c.expand_window,
+            None if c.auto_keyframes else c.latent_key_frame_interval(), c.expand_window,
             c.rotate_keyframes, self.world_size, P if self.world_size > 1 else None)
 
     # ------------------------------------------------------------- steps
     def begin_generation(self, announce: bool = True):
         """Start a generation: counters reset, ``engaged``/schedule lines print once again."""
         self.step = 0
-        self._gen = {"sparse": 0, "dense": 0, "fallback": 0, "fallback_reasons": {}, "backend": None,
+        self.counts = telemetry.Counts()
+        self._gen = {"backend": None,
                      "announced": set(), "mask_logged": set(), "T": None, "P": None,
                      "extension_ratio": None, "t0": time.perf_counter()}
         self._step_t0 = None
@@ -143,20 +149,17 @@ class Engine:
     def end_generation(self) -> Dict[str, Any]:
         self._close_step(time.perf_counter())
         self._step_t0 = None
-        g = self._gen
-        return {"backend": g["backend"], "sparse_calls": g["sparse"], "dense_calls": g["dense"],
-                "fallbacks": g["fallback"], "fallbacks_by_reason": dict(g["fallback_reasons"]),
-                "T": g["T"], "P": g["P"], "reference": self._reference,
+        g, c = self._gen, self.counts
+        return {"backend": g["backend"], "sparse_calls": c.sparse_calls,
+                "dense_calls": c.dense_by_design_calls, "fallbacks": c.fallback_calls,
+                "fallbacks_by_reason": dict(c.fallbacks_by_reason), "T": g["T"], "P": g["P"], "reference": self._reference,
                 "extension_ratio": g["extension_ratio"]}
 
     # --------------------------------------------------------- attention
     def fallback(self, origin, reason, seq_len, **detail):
         """Record and announce a non-sparse path (integrations call this when they hand off)."""
-        g = self._gen
-        g["fallback"] += 1
-        g["fallback_reasons"][reason] = g["fallback_reasons"].get(reason, 0) + 1
-        telemetry.emit("fallback", origin=origin, reason=reason, seq_len=seq_len, **detail,
-                       warn=self.config.warn_fallback)
+        telemetry.fallback(origin, reason, seq_len, self.counts, warn=self.config.warn_fallback,
+                           **detail)
 
     def attention(self, q, k, v, text_k=None, text_v=None, scale=None, origin: Optional[str] = None):
         """Self-attention of the video queries; see :func:`lvsa.attention` for shapes.
@@ -164,8 +167,6 @@ class Engine:
         ``origin`` names the call site in fallback lines (default ``forward_<device>``, e.g.
         ``forward_cuda``); the ``engaged`` line names the model family.
         """
-        from .ops import validate_inputs
-
         origin = origin or f"forward_{q.device.type}"
         self._calls_in_step += 1
         validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check)
@@ -189,7 +190,6 @@ class Engine:
                            auto=sched.auto, global_count=s.global_count, attended_max=s.attended_max,
                            attended_min=s.attended_min, sparsity=mask.sparsity())
         if self.config.mask_log is not None:
-            from .config import mask_log_wants
             if self.step not in g["mask_logged"] and mask_log_wants(
                     self.config.mask_log, self.step, bool(g["mask_logged"])):
                 g["mask_logged"].add(self.step)
@@ -200,21 +200,15 @@ class Engine:
             backend_name = "dense"
         else:
             from .dispatch import run_attention
-            out, backend_name, fell_back = run_attention(q, k, v, mask, text_k, text_v, scale,
+            out, backend_name, _ = run_attention(q, k, v, mask, text_k, text_v, scale,
                                                          config=self.config, origin=origin,
-                                                         validated=True)
-            if fell_back:
-                g["fallback"] += 1
-                g["fallback_reasons"]["backend_error"] = g["fallback_reasons"].get("backend_error", 0) + 1
+                                                         validated=True, record=self.counts)
         if "engaged" not in g["announced"]:
             g["announced"].add("engaged")
             g["backend"] = backend_name
             telemetry.emit("engaged", origin=self.family, site=origin, T=geo.T, P=geo.P, seq_len=S + L,
                            kfi=sched.key_frame_interval, W=sched.window,
                            global_count=len(mask.globals), dense=mask.is_dense, backend=backend_name)
-        if mask.is_dense:
-            g["dense"] += 1
-            telemetry.count_call("dense")
-        else:
-            g["sparse"] += 1
+        if mask.is_dense:  # sparse calls are counted by the dispatcher, with their backend
+            telemetry.count_call("dense", record=self.counts)
         return out

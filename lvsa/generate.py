@@ -242,7 +242,7 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 def model_factors(spec: ModelSpec):
     """The VAE/patch factors of a model, read from its config files (no weights loaded)."""
-    from .integrations.base import adapter_for_family
+    from .integrations.registry import adapter_for_family
 
     adapter = adapter_for_family(spec.family)
     if spec.tiny:
@@ -579,7 +579,7 @@ def _generate(args) -> int:
     import torch
 
     from . import integrations
-    from .integrations.base import adapter_for_family
+    from .integrations.registry import adapter_for_family
 
     adapter = adapter_for_family(spec.family)
     pipe = load_pipeline(spec, device, dtype)
@@ -722,7 +722,7 @@ def _decode(args) -> int:
         _note("decode", w)
     device, dtype = _device_and_dtype(args, spec.tiny)
 
-    from .integrations.base import adapter_for_family
+    from .integrations.registry import adapter_for_family
 
     adapter = adapter_for_family(spec.family)
     pipe = load_pipeline(spec, device, dtype, vae_only=True)

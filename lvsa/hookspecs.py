@@ -27,4 +27,15 @@ def lvsa_register_backends(register):
 
 @hookspec
 def lvsa_event(event):
-    """Receive one :class:`lvsa.telemetry.Event` (schedule, engaged, fallback, step, …)."""
+    """Receive one :class:`lvsa.events.Event` (schedule, engaged, fallback, step, …).
+
+    A hook that raises is reported once (``[LVSA-PLUGIN] … disabled``) and unregistered;
+    the run goes on."""
+
+
+@hookspec
+def lvsa_settings():
+    """Return the :class:`lvsa.config.Setting` objects (``LVSA_*`` variables) this plugin
+    reads, so ``lvsa info --vars`` lists them, their values are validated like lvsa's own
+    and their names are not reported as misspelled. Backends declare theirs on
+    :attr:`lvsa.backend.Backend.settings` instead."""

@@ -9,11 +9,13 @@ frames, which key frames it attends to. The structure is always
 sequence belongs to frame ``i // P``; text tokens, when present, are attended by
 every video query and are not part of the mask.
 
-The object is immutable and plain Python; tensors for kernels are built on demand
-by the backends (see :meth:`BlockMask.csr_tensors`) and cached per device.
+The object is immutable, plain Python data of ``O(T)`` size (globals and one window per
+frame); rows, CSR and tensors are derived on request and never cached inside it: each
+backend builds what it needs in its plan, and the dispatcher caches the plans.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
@@ -34,6 +36,10 @@ class MaskSummary:
 @dataclass(frozen=True, eq=False)
 class BlockMask:
     """Which key frames each query frame attends to.
+
+    Immutable data: the globals and one window per frame (``O(T)`` memory); the rows,
+    the CSR form and the dense picture are derived on request and never cached here
+    (the dispatcher caches each backend's plan of a mask).
 
     Parameters
     ----------
@@ -61,62 +67,91 @@ class BlockMask:
     offset: int = 0
     tokens_per_frame: Optional[int] = None
     reference_frames: Optional[int] = None
-    _attended: Tuple[Tuple[int, ...], ...] = field(init=False, repr=False)
-    _tensor_cache: dict = field(init=False, repr=False, compare=False)
-    _is_dense: bool = field(init=False, repr=False, compare=False)
+    _counts: Tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+    _dense: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         T = self.num_frames
-        if T < 1:
-            raise ValueError(f"BlockMask needs num_frames >= 1, got {T}")
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"BlockMask needs num_frames >= 1, got {T!r}")
         g = tuple(self.globals_)
-        if any(not (0 <= x < T) for x in g) or list(g) != sorted(set(g)):
+        if any(not (0 <= x < T) for x in g) or any(b <= a for a, b in zip(g, g[1:])):
             raise ValueError(f"globals must be sorted, unique frames in [0, {T}), got {g}")
+        object.__setattr__(self, "globals_", g)
         if self.windows is not None:
             if len(self.windows) != T:
                 raise ValueError(f"need one window per frame ({T}), got {len(self.windows)}")
             for f, (lo, hi) in enumerate(self.windows):
                 if not (0 <= lo <= hi < T):
                     raise ValueError(f"window of frame {f} is ({lo}, {hi}), outside [0, {T})")
-        gset = set(g)
-        rows = []
-        for f in range(T):
-            if self.windows is None:
-                rows.append(g)
-            else:
-                lo, hi = self.windows[f]
-                rows.append(tuple(sorted(gset.union(range(lo, hi + 1)))))
-        empty = [f for f, r in enumerate(rows) if not r]
-        if empty:
-            raise ValueError(f"query frames {empty[:8]} attend to no frame: give globals or a window")
-        object.__setattr__(self, "_attended", tuple(rows))
-        object.__setattr__(self, "_tensor_cache", {})
-        object.__setattr__(self, "_is_dense", all(len(r) == T for r in rows))
+        if self.windows is None:
+            if not g:
+                raise ValueError(f"query frames {list(range(min(T, 8)))} attend to no frame: "
+                                 "give globals or a window")
+            counts = (len(g),) * T
+        else:
+            # globals in [lo, hi] by prefix sums: O(T) memory, no row is built
+            pre = [0] * (T + 1)
+            gi = 0
+            for f in range(T):
+                if gi < len(g) and g[gi] == f:
+                    gi += 1
+                pre[f + 1] = gi
+            G = len(g)
+            counts = tuple(G + (hi - lo + 1) - (pre[hi + 1] - pre[lo]) for lo, hi in self.windows)
+        object.__setattr__(self, "_counts", counts)
+        object.__setattr__(self, "_dense", all(c == T for c in counts))
+        object.__setattr__(self, "_hash", hash((T, g, self.windows)))
 
     # ------------------------------------------------------------------ views
     @property
     def globals(self) -> Tuple[int, ...]:
         return self.globals_
 
+    def _check_frame(self, frame: int) -> int:
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < self.num_frames:
+            raise IndexError(f"frame {frame!r} is outside this mask's frames [0, {self.num_frames}) "
+                             "(negative indices are not accepted)")
+        return frame
+
     def attended(self, frame: int) -> Tuple[int, ...]:
-        """Sorted key frames attended by query frame ``frame``."""
-        return self._attended[frame]
+        """Sorted key frames attended by query frame ``frame`` (``0 <= frame < T``)."""
+        self._check_frame(frame)
+        if self.windows is None:
+            return self.globals_
+        lo, hi = self.windows[frame]
+        g = self.globals_
+        i = bisect.bisect_left(g, lo)
+        j = bisect.bisect_right(g, hi)
+        return g[:i] + tuple(range(lo, hi + 1)) + g[j:]
 
     @property
     def attended_lists(self) -> Tuple[Tuple[int, ...], ...]:
-        return self._attended
+        """Every row (built on request: ``O(nnz)``)."""
+        return tuple(self.attended(f) for f in range(self.num_frames))
+
+    def attended_count(self, frame: int) -> int:
+        return self._counts[self._check_frame(frame)]
+
+    @property
+    def attended_counts(self) -> Tuple[int, ...]:
+        """Attended key frames per query frame, ``O(T)``."""
+        return self._counts
 
     def window(self, frame: int) -> Optional[Tuple[int, int]]:
+        """``(lo, hi)`` of query frame ``frame`` (``0 <= frame < T``), ``None`` without windows."""
+        self._check_frame(frame)
         return None if self.windows is None else self.windows[frame]
 
     @property
     def is_dense(self) -> bool:
         """Every query frame attends to every frame (dense by design)."""
-        return self._is_dense
+        return self._dense
 
     def nnz(self) -> int:
         """Number of attended (query frame, key frame) blocks."""
-        return sum(len(r) for r in self._attended)
+        return sum(self._counts)
 
     def density(self) -> float:
         return self.nnz() / float(self.num_frames * self.num_frames)
@@ -132,7 +167,7 @@ class BlockMask:
         return self.num_frames / float(self.reference_frames)
 
     def summary(self) -> MaskSummary:
-        counts = [len(r) for r in self._attended]
+        counts = self._counts
         return MaskSummary(
             num_frames=self.num_frames,
             global_count=len(self.globals_),
@@ -148,36 +183,22 @@ class BlockMask:
     def indptr(self) -> Tuple[int, ...]:
         """CSR row pointers over query frames, length ``T + 1``."""
         out = [0]
-        for r in self._attended:
-            out.append(out[-1] + len(r))
+        for c in self._counts:
+            out.append(out[-1] + c)
         return tuple(out)
 
     @property
     def indices(self) -> Tuple[int, ...]:
         """CSR column indices (key frames), concatenated rows, each sorted."""
-        return tuple(c for r in self._attended for c in r)
+        return tuple(c for f in range(self.num_frames) for c in self.attended(f))
 
     def csr_tensors(self, device=None):
-        """``(indptr, indices)`` as int32 torch tensors on ``device``, cached."""
+        """``(indptr, indices)`` as new int32 torch tensors on ``device`` (not cached:
+        a backend keeps them in its plan, which the dispatcher caches)."""
         import torch
 
-        key = ("csr", str(device))
-        hit = self._tensor_cache.get(key)
-        if hit is None:
-            hit = (
-                torch.tensor(self.indptr, dtype=torch.int32, device=device),
-                torch.tensor(self.indices, dtype=torch.int32, device=device),
-            )
-            self._tensor_cache[key] = hit
-        return hit
-
-    def cached(self, key, build):
-        """Per-mask cache for derived objects (backend plans, tensors)."""
-        try:
-            return self._tensor_cache[key]
-        except KeyError:
-            hit = self._tensor_cache[key] = build()
-            return hit
+        return (torch.tensor(self.indptr, dtype=torch.int32, device=device),
+                torch.tensor(self.indices, dtype=torch.int32, device=device))
 
     # ------------------------------------------------------------ dense form
     def to_dense(self, level: str = "frame", tokens_per_frame: Optional[int] = None):
@@ -190,8 +211,8 @@ class BlockMask:
 
         T = self.num_frames
         m = torch.zeros(T, T, dtype=torch.bool)
-        for f, r in enumerate(self._attended):
-            m[f, list(r)] = True
+        for f in range(T):
+            m[f, list(self.attended(f))] = True
         if level == "frame":
             return m
         if level != "token":
@@ -222,7 +243,7 @@ class BlockMask:
                 g = c in gset
                 w = lo <= c <= hi
                 row.append("X" if g and w else "G" if g else "W" if w else ".")
-            lines.append(f"{f:>{width}} {''.join(row)} {len(self._attended[f])}")
+            lines.append(f"{f:>{width}} {''.join(row)} {self._counts[f]}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -236,11 +257,15 @@ class BlockMask:
     def __eq__(self, other):
         if not isinstance(other, BlockMask):
             return NotImplemented
+        if self is other:
+            return True
+        if self._hash != other._hash:
+            return False
         return (self.num_frames, self.globals_, self.windows) == (
             other.num_frames, other.globals_, other.windows)
 
     def __hash__(self):
-        return hash((self.num_frames, self.globals_, self.windows))
+        return self._hash
 
 
 def dense_mask(num_frames: int, **kw) -> BlockMask:

@@ -7,11 +7,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .errors import LVSAInputError  # noqa: F401 (re-export)
 from .mask import BlockMask
-
-
-class LVSAInputError(ValueError):
-    """Bad tensors handed to lvsa (shape, dtype, device, non-finite values)."""
 
 
 def _shape(t):

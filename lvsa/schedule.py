@@ -1,9 +1,10 @@
 """The schedule planner: keyframe interval, rotating globals and windows.
 
 Pure Python, device-agnostic. The semantics are those of DESIGN.md §2; every
-quantity here is in *latent* frames. :func:`plan_schedule` computes all
-``kfi`` rotation patterns once and caches the result, so asking for the mask of
-denoising step ``s`` is a tuple lookup.
+quantity here is in *latent* frames. :func:`plan_schedule` computes the keyframe
+interval up front; each rotation pattern is built (``O(T)`` memory) the first time a
+step asks for it and kept in a small per-schedule cache, so asking for the mask of
+denoising step ``s`` is a lookup after its first use.
 
 Example
 -------
@@ -15,102 +16,22 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
 
+from .errors import PlanTooLarge
+from .geometry import latent_frames, patches_per_frame, video_to_latent  # noqa: F401 (re-export)
 from .mask import BlockMask
+from .presets import ALIASES, FAMILY_REFERENCE, PRESETS, ModelPreset, get_preset  # noqa: F401
 
 
-# --------------------------------------------------------------------- presets
-@dataclass(frozen=True)
-class ModelPreset:
-    """What lvsa needs to know about a model family."""
-
-    name: str
-    family: str  # adapter family: wan | hunyuan | cogvideox
-    reference_latent_frames: int
-    vae_temporal_factor: int
-    vae_spatial_factor: int
-    patch_size: int
-    default_height: int
-    default_width: int
-    default_num_frames: int
-    num_heads: int
-    head_dim: int
-    text_tokens: int = 0  # text tokens joined into self-attention (0 = cross-attention model)
-
-    @property
-    def default_latent_frames(self) -> int:
-        return latent_frames(self.default_num_frames, self.vae_temporal_factor)
-
-    def patches_per_frame(self, height: Optional[int] = None, width: Optional[int] = None) -> int:
-        return patches_per_frame(height or self.default_height, width or self.default_width,
-                                 self.vae_spatial_factor, self.patch_size)
-
-
-PRESETS: Dict[str, ModelPreset] = {
-    p.name: p
-    for p in [
-        ModelPreset("wan2.1-t2v-1.3b", "wan", 21, 4, 8, 2, 480, 832, 81, 12, 128),
-        ModelPreset("wan2.1-t2v-14b", "wan", 21, 4, 8, 2, 480, 832, 81, 40, 128),
-        ModelPreset("wan2.2-t2v-a14b", "wan", 21, 4, 8, 2, 480, 832, 81, 40, 128),
-        ModelPreset("wan2.2-ti2v-5b", "wan", 31, 4, 16, 2, 704, 1280, 121, 24, 128),
-        ModelPreset("hunyuanvideo-1.5", "hunyuan", 33, 4, 16, 1, 480, 832, 129, 16, 128, 256),
-        ModelPreset("cogvideox-2b", "cogvideox", 13, 4, 8, 2, 480, 720, 49, 30, 64, 226),
-        ModelPreset("cogvideox-5b", "cogvideox", 13, 4, 8, 2, 480, 720, 49, 48, 64, 226),
-    ]
-}
-ALIASES = {"wan": "wan2.1-t2v-1.3b", "wan2.1": "wan2.1-t2v-1.3b", "wan2.2": "wan2.2-t2v-a14b",
-           "hunyuan": "hunyuanvideo-1.5", "hunyuanvideo": "hunyuanvideo-1.5",
-           "cogvideox": "cogvideox-5b"}
-# Training horizons by adapter family (the LVSA_REFERENCE_LATENT_FRAMES defaults).
-FAMILY_REFERENCE = {"wan": 21, "hunyuan": 33, "cogvideox": 13}
-
-
-def get_preset(name: str) -> ModelPreset:
-    key = ALIASES.get(name.lower(), name.lower())
-    if key not in PRESETS:
-        raise ValueError(
-            f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))} "
-            f"(aliases: {', '.join(sorted(ALIASES))})")
-    return PRESETS[key]
-
-
-# -------------------------------------------------------------------- geometry
-def latent_frames(num_frames: int, vae_temporal_factor: int = 4) -> int:
-    """Latent frames for ``num_frames`` video frames: ``(F - 1) // t + 1``.
-
-    Raises ``ValueError`` when ``F`` does not fit the VAE grid (``(F-1) % t != 0``).
-    """
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if vae_temporal_factor < 1:
-        raise ValueError(f"vae_temporal_factor must be >= 1, got {vae_temporal_factor}")
-    if (num_frames - 1) % vae_temporal_factor:
-        lo = (num_frames - 1) // vae_temporal_factor * vae_temporal_factor + 1
-        raise ValueError(
-            f"num_frames={num_frames} does not fit the VAE temporal grid: (F-1) must be a "
-            f"multiple of {vae_temporal_factor}; use {lo} or {lo + vae_temporal_factor}")
-    return (num_frames - 1) // vae_temporal_factor + 1
-
-
-def patches_per_frame(height: int, width: int, vae_spatial_factor: int = 8, patch_size: int = 2) -> int:
-    """Tokens per latent frame ``(H / s / p) * (W / s / p)``; sizes must divide."""
-    unit = vae_spatial_factor * patch_size
-    if height <= 0 or width <= 0 or unit <= 0:
-        raise ValueError(f"height, width and vae_spatial_factor*patch_size must be > 0, got "
-                         f"{height}x{width}, {vae_spatial_factor}*{patch_size}")
-    if height % unit or width % unit:
-        raise ValueError(
-            f"{height}x{width} is not divisible by vae_spatial_factor*patch_size = {unit}; "
-            f"use multiples of {unit}, e.g. {height // unit * unit}x{width // unit * unit}")
-    return (height // unit) * (width // unit)
-
-
-def video_to_latent(frames: int, vae_temporal_factor: int = 4) -> int:
-    """Convert a frame count given in video frames (window, first frames) to latent: ``// t``."""
-    return frames // vae_temporal_factor
-
+#: The longest schedule lvsa plans, in latent frames (262141 video frames at the VAE's
+#: temporal factor 4, about 4.5 hours at 16 fps). Past it :func:`plan_schedule` raises
+#: :class:`~lvsa.errors.PlanTooLarge` before planning anything. Planning is ``O(T)``
+#: memory per rotation pattern (patterns are built when a step first asks for one).
+MAX_LATENT_FRAMES = 65536
 
 # ---------------------------------------------------------------- the schedule
 def _check_int(name, value, lo):
@@ -178,11 +99,16 @@ def _windows(T: int, W: int, gset, expand: bool):
     return tuple(out)
 
 
+#: rotation patterns kept per schedule (a generation of 50 steps uses at most 50)
+_MASKS_KEPT = 64
+
+
 @dataclass(frozen=True)
 class Schedule:
-    """All rotation patterns of one geometry, computed once.
+    """The rotation patterns of one geometry: the keyframe interval is computed once, each
+    pattern (a :class:`BlockMask`) when first asked for.
 
-    Use :meth:`mask_for_step` (a lookup) per denoising step.
+    Use :meth:`mask_for_step` per denoising step.
     """
 
     num_frames: int
@@ -196,12 +122,51 @@ class Schedule:
     expand: bool
     world_size: int
     boundary_frames: Tuple[int, ...]
-    masks: Tuple[BlockMask, ...]
+    tokens_per_frame: Optional[int] = None
+    _memo: "OrderedDict" = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
+
+    @property
+    def num_offsets(self) -> int:
+        """Distinct rotation patterns: ``min(kfi, T)`` (offsets ``o`` and ``o + T`` give the
+        same grid), 1 without rotation."""
+        return min(self.key_frame_interval, self.num_frames) if self.rotate else 1
+
+    def _build(self, o: int) -> BlockMask:
+        T, k = self.num_frames, self.key_frame_interval
+        fixed = set(range(min(self.n_first, T))).union(self.boundary_frames)
+        g = fixed.union((o + i * k) % T for i in range(math.ceil(T / k)))
+        return BlockMask(T, tuple(sorted(g)), _windows(T, self.window, g, self.expand),
+                         key_frame_interval=k, offset=o, tokens_per_frame=self.tokens_per_frame,
+                         reference_frames=self.reference)
+
+    def mask(self, offset: int) -> BlockMask:
+        """The pattern of rotation ``offset`` (taken modulo the number of patterns)."""
+        o = offset % self.num_offsets
+        with self._lock:
+            hit = self._memo.get(o)
+            if hit is not None:
+                self._memo.move_to_end(o)
+                return hit
+        m = self._build(o)
+        with self._lock:
+            m = self._memo.setdefault(o, m)
+            while len(self._memo) > _MASKS_KEPT:
+                self._memo.popitem(last=False)
+        return m
+
+    @property
+    def masks(self) -> Tuple[BlockMask, ...]:
+        """Every pattern (builds all ``min(kfi, T)``: ``O(T * kfi)``; prefer :meth:`mask`)."""
+        return tuple(self.mask(o) for o in range(self.num_offsets))
 
     @property
     def dense(self) -> bool:
         """True when every step is dense by design (``T <= sref``)."""
-        return all(m.is_dense for m in self.masks)
+        if self.key_frame_interval == 1 or 2 * self.window + 1 >= self.num_frames:
+            return True
+        return all(self.mask(o).is_dense for o in range(self.num_offsets))
 
     @property
     def extension_ratio(self) -> float:
@@ -211,10 +176,7 @@ class Schedule:
         return step % self.key_frame_interval if self.rotate else 0
 
     def mask_for_step(self, step: int) -> BlockMask:
-        return self.masks[self.offset_for_step(step) % len(self.masks)]
-
-    def mask(self, offset: int) -> BlockMask:
-        return self.masks[offset % len(self.masks)]
+        return self.mask(self.offset_for_step(step))
 
     def globals_at(self, offset: int) -> Tuple[int, ...]:
         return self.mask(offset).globals
@@ -225,13 +187,14 @@ class Schedule:
     def to_dict(self) -> dict:
         """Plain-data view (for ``lvsa plan --json`` and budget planning)."""
         offs = []
-        for m in self.masks:
+        for o in range(self.num_offsets):
+            m = self.mask(o)
             s = m.summary()
             offs.append({
                 "offset": m.offset,
                 "globals": list(m.globals),
                 "windows": [list(w) for w in m.windows] if m.windows is not None else None,
-                "attended_per_frame": [len(r) for r in m.attended_lists],
+                "attended_per_frame": list(m.attended_counts),
                 "sparsity": round(m.sparsity(), 6),
                 "global_count": s.global_count,
             })
@@ -275,6 +238,11 @@ def plan_schedule(T: int, W: int = 3, n: int = 1, reference: int = 21, scale: fl
         ``P``: only recorded on the masks (and needed for ``world_size > 1``).
     """
     _check_int("T (latent frames)", T, 1)
+    if T > MAX_LATENT_FRAMES:
+        raise PlanTooLarge(
+            f"T={T} latent frames is beyond the longest schedule lvsa plans "
+            f"({MAX_LATENT_FRAMES} latent frames, lvsa.schedule.MAX_LATENT_FRAMES); "
+            "generate a shorter video or check the frame count (latent, not video frames)")
     _check_int("W (window half-width)", W, 0)
     _check_int("n (leading global frames)", n, 0)
     _check_int("reference (latent frames)", reference, 1)
@@ -289,14 +257,6 @@ def plan_schedule(T: int, W: int = 3, n: int = 1, reference: int = 21, scale: fl
     auto = kfi is None
     k = compute_key_frame_interval(T, W, n, reference, scale) if auto else kfi
     lead = set(range(min(n, T)))
-    fixed = lead.union(_boundary_frames(T, tokens_per_frame or 1, W, world_size))
-    # offsets o and o+T give the same grid when kfi > T (one grid point): plan min(kfi, T)
-    n_offsets = min(k, T) if rotate else 1
-    masks = []
-    for o in range(n_offsets):
-        g = fixed.union((o + i * k) % T for i in range(math.ceil(T / k)))
-        windows = _windows(T, W, g, expand)
-        masks.append(BlockMask(T, tuple(sorted(g)), windows, key_frame_interval=k, offset=o,
-                               tokens_per_frame=tokens_per_frame, reference_frames=reference))
+    boundary = set(_boundary_frames(T, tokens_per_frame or 1, W, world_size))
     return Schedule(T, W, n, reference, float(scale), k, auto, rotate, expand, world_size,
-                    tuple(sorted(fixed - lead)), tuple(masks))
+                    tuple(sorted(boundary - lead)), tokens_per_frame)

@@ -1,7 +1,8 @@
 """Telemetry: every decision is an :class:`Event` delivered to the ``lvsa_event`` hook.
 
-The default sink (:class:`DefaultSink`, registered like any plugin) prints the
-``[LVSA]``, ``[LVSA-FALLBACK]``, ``[LVSA-MEM]`` and ``[LVSA-TIME]`` lines of DESIGN.md §3:
+The default sink (:class:`lvsa.sink.DefaultSink`, registered like any plugin) prints the
+``[LVSA]``, ``[LVSA-FALLBACK]``, ``[LVSA-MEM]`` and ``[LVSA-TIME]`` lines of DESIGN.md §3;
+it alone decides what is a repeated line (:data:`lvsa.sink.PRINT_ONCE`):
 
 * a fallback line once per distinct ``(origin, reason, seq_len)``;
   ``LVSA_WARN_FALLBACK=0`` silences only those;
@@ -12,29 +13,22 @@ for the whole process (``lvsa.session_summary()``).
 """
 from __future__ import annotations
 
-import sys
 import threading
-import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-
-@dataclass
-class Event:
-    kind: str
-    fields: Dict[str, Any]
-    time: float = field(default_factory=time.time)
-
-    def __getitem__(self, key):
-        return self.fields[key]
-
-    def get(self, key, default=None):
-        return self.fields.get(key, default)
+from . import plugins
+from .events import Event  # noqa: F401 (re-export)
+from .sink import DefaultSink  # noqa: F401 (re-export)
 
 
-class SessionSummary:
-    """Process-wide counters (thread-safe)."""
+class Counts:
+    """Attention calls by mode and backend, and fallbacks by reason (thread-safe).
+
+    :data:`SESSION` is the process's record; each :class:`~lvsa.engine.Engine` keeps one
+    per generation. Both are fed by the same two functions, :func:`count_call` and
+    :func:`fallback`, so a call or a fallback is counted once, in one place.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -49,18 +43,18 @@ class SessionSummary:
             self.backend_calls: Counter = Counter()
             self.generation = 0
 
-    def count(self, event: Event):
+    def add_call(self, mode: str, backend: str = "") -> None:
         with self._lock:
-            if event.kind == "call":
-                mode = event.fields.get("mode")
-                if mode == "sparse":
-                    self.sparse_calls += 1
-                    self.backend_calls[event.fields.get("backend", "?")] += 1
-                elif mode == "dense":
-                    self.dense_by_design_calls += 1
-            elif event.kind == "fallback":
-                self.fallback_calls += 1
-                self.fallbacks_by_reason[event.fields.get("reason", "?")] += 1
+            if mode == "sparse":
+                self.sparse_calls += 1
+                self.backend_calls[backend or "?"] += 1
+            elif mode == "dense":
+                self.dense_by_design_calls += 1
+
+    def add_fallback(self, reason: str) -> None:
+        with self._lock:
+            self.fallback_calls += 1
+            self.fallbacks_by_reason[reason or "?"] += 1
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -81,118 +75,46 @@ class SessionSummary:
         return s
 
 
-SESSION = SessionSummary()
+#: the old name of :class:`Counts`
+SessionSummary = Counts
+
+SESSION = Counts()
 
 
 def emit(kind: str, **fields) -> Event:
-    """Deliver an event to every ``lvsa_event`` hook implementation."""
+    """Deliver an event to every ``lvsa_event`` hook implementation (counts nothing:
+    calls and fallbacks are counted by :func:`count_call` and :func:`fallback`)."""
     ev = Event(kind, fields)
-    SESSION.count(ev)
-    from .plugins import plugin_manager
-
-    plugin_manager().hook.lvsa_event(event=ev)
+    plugins.deliver(ev)
     return ev
 
 
-def count_call(mode: str, backend: str = "") -> None:
-    """Count one attention call (``sparse`` or ``dense``) in the session summary.
+def count_call(mode: str, backend: str = "", record: Optional[Counts] = None) -> None:
+    """Count one attention call (``sparse`` or ``dense``) in the session and, when given,
+    in ``record`` (a generation's :class:`Counts`).
 
     Per-call counting stays off the plugin hook: it is on the hot path (every layer,
     every step). Sinks see the per-generation ``engaged`` event and the summary instead.
     """
-    SESSION.count(Event("call", {"mode": mode, "backend": backend}))
+    SESSION.add_call(mode, backend)
+    if record is not None:
+        record.add_call(mode, backend)
+
+
+def fallback(origin: str, reason: str, seq_len: int, record: Optional[Counts] = None,
+             warn: bool = True, **detail) -> Event:
+    """The one fallback path: count a non-sparse call (session and ``record``) and emit its
+    ``fallback`` event (the sink prints one line per ``(origin, reason, seq_len)``)."""
+    SESSION.add_fallback(reason)
+    if record is not None:
+        record.add_fallback(reason)
+    return emit("fallback", origin=origin, reason=reason, seq_len=seq_len, **detail, warn=warn)
 
 
 def new_generation():
     """Start a new generation: ``engaged`` and schedule lines print again."""
     SESSION.generation += 1
     emit("generation_start", generation=SESSION.generation)
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f}GB"
-
-
-class DefaultSink:
-    """Prints the documented log lines (to stderr by default)."""
-
-    def __init__(self, stream=None):
-        self._stream = stream
-        self._seen_fallbacks = set()
-        self._lock = threading.Lock()
-
-    @property
-    def stream(self):
-        return self._stream or sys.stderr
-
-    def _print(self, line: str):
-        print(line, file=self.stream, flush=True)
-
-    # the hook
-    from .hookspecs import hookimpl as _hookimpl  # noqa: E402
-
-    @_hookimpl
-    def lvsa_event(self, event: Event):
-        f = event.fields
-        k = event.kind
-        if k == "schedule":  # the engine emits it once per generation and geometry
-            self._print(f"[LVSA] reference_latent_frames={f['reference']} target_latent_frames={f['T']} "
-                        f"extension_ratio={f['extension_ratio']:.2f}x")
-            if f.get("auto"):
-                self._print(f"[LVSA] computed key_frame_interval={f['kfi']} (latent frames)")
-            self._print(f"[LVSA] kfi={f['kfi']} global_count={f['global_count']} "
-                        f"attended_per_frame={f['attended_max']}/{f['T']}")
-        elif k == "engaged":  # the engine emits it once per generation
-            mode = "DENSE (T_lat <= ref)" if f["dense"] else "SPARSE"
-            self._print(f"[LVSA] engaged ({f['origin']}): T_lat={f['T']} P={f['P']} seq_len={f['seq_len']} "
-                        f"kfi={f['kfi']} W={f['W']} |G|={f['global_count']} -> {mode}")
-        elif k == "fallback":
-            if not f.get("warn", True):
-                return
-            key = (f.get("origin"), f.get("reason"), f.get("seq_len"))
-            with self._lock:
-                if key in self._seen_fallbacks:
-                    return
-                self._seen_fallbacks.add(key)
-            skip = ("origin", "reason", "seq_len", "to", "warn")
-            extra = " ".join(f"{a}={b}" for a, b in f.items() if a not in skip)
-            extra = (" " + extra.replace(", ", ",")) if extra else ""
-            target = "the REFERENCE backend" if f.get("to") == "reference" else "DENSE attention"
-            self._print(f"[LVSA-FALLBACK] origin={f.get('origin')} reason={f.get('reason')} "
-                        f"seq_len={f.get('seq_len')}{extra} -- falling back to {target} "
-                        "(set LVSA_WARN_FALLBACK=0 to silence)")
-        elif k == "selection":
-            key = ("selection", f["backend"], f["device"])
-            with self._lock:
-                if key in self._seen_fallbacks:
-                    return
-                self._seen_fallbacks.add(key)
-            refused = "; ".join(f"{n}: {', '.join(r)}" for n, r in f["refused"].items())
-            self._print(f"[LVSA] backend={f['backend']} (auto on {f['device']})"
-                        + (f" refused: {refused}" if refused else ""))
-        elif k == "riflex":  # once per generation (lvsa.integrations.riflex)
-            note = ("" if f["changed"] else
-                    " (unchanged: T_lat <= reference)" if f["T"] <= f["reference"] else
-                    " (unchanged: the period already covers T_lat)")
-            self._print(f"[LVSA] riflex k={f['k']} period {f['period']:.1f}->{f['new_period']:.1f} latent frames "
-                        f"(reference={f['reference']} T_lat={f['T']}){note}")
-        elif k == "mask":
-            self._print(f"[LVSA-MASK] step={f['step']} offset={f['offset']} sparsity={f['sparsity']:.3f}\n"
-                        + f["picture"])
-        elif k == "memory":
-            self._print(f"[LVSA-MEM] step={f['step']} {f['device_kind']}={f['index']} alloc={_gb(f['alloc'])} "
-                        f"reserved={_gb(f['reserved'])} peak={_gb(f['peak'])}")
-        elif k == "step_time":
-            self._print(f"[LVSA-TIME] step={f['step']} dt={f['dt']:.3f}s")
-        elif k == "plugin_error":
-            self._print(f"[LVSA-PLUGIN] plugin {f['plugin']!r} from {f['distribution']} failed to load "
-                        f"and was skipped: {f['error']}")
-        elif k == "warning":
-            with self._lock:
-                if ("warning", f["message"]) in self._seen_fallbacks:
-                    return
-                self._seen_fallbacks.add(("warning", f["message"]))
-            self._print(f"[LVSA] WARNING {f['message']}")
 
 
 def session_summary() -> Dict[str, Any]:
@@ -204,9 +126,7 @@ def reset_session():
 
 
 def find_sink(cls=DefaultSink) -> Optional[Any]:
-    from .plugins import plugin_manager
-
-    for p in plugin_manager().get_plugins():
+    for p in plugins.plugin_manager().get_plugins():
         if isinstance(p, cls):
             return p
     return None

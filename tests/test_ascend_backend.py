@@ -351,9 +351,11 @@ def test_head_slices_cover_each_head_once(H, Hkv):
 
 
 def test_plan_is_built_once_per_mask():
+    from lvsa import dispatch
     mask = plan_schedule(20, 2, 1, 8).mask(0)
     ab = AscendBackend()
-    assert ab.plan(mask, None) is ab.plan(mask, None)
+    prob = _problem()
+    assert dispatch.plan_for(ab, mask, prob) is dispatch.plan_for(ab, mask, prob)  # one cache
     with pytest.raises(ValueError, match="attend to no frame"):
         BlockMask(3, (), None)  # refused before any backend sees it
 
@@ -408,7 +410,7 @@ def broken_torch_npu(monkeypatch, tmp_path):
 def test_detect_torch_npu_absent(no_torch_npu):
     ab = AscendBackend()
     assert ab.availability_reasons() == ["package 'torch_npu' is not installed (pip install torch-npu)"]
-    assert "not installed" in " ".join(ab.supports(_problem()))
+    assert "not installed" in " ".join(ab.not_supported_reasons(_problem()))
     assert not devices.npu_status().installed
 
 
@@ -430,14 +432,14 @@ def test_detect_no_device(emulated_npu_no_device):
 def test_detect_working(emulated_npu):
     ab = AscendBackend()
     assert ab.availability_reasons() == []
-    assert ab.supports(_problem()) == []
-    assert ab.supports(_problem(num_heads=64, num_kv_heads=8, text_len=256)) == []
+    assert ab.not_supported_reasons(_problem()) == []
+    assert ab.not_supported_reasons(_problem(num_heads=64, num_kv_heads=8, text_len=256)) == []
     assert devices.npu_status().available and devices.npu_status().device_count == 1
-    assert any("device is cuda" in r for r in ab.supports(_problem(device_kind="cuda")))
-    assert any("head_dim is 1024" in r for r in ab.supports(_problem(head_dim=1024)))
-    assert any("float64" in r for r in ab.supports(_problem(dtype=torch.float64)))
-    assert any("not a whole GQA" in r for r in ab.supports(_problem(num_heads=40, num_kv_heads=6)))
-    assert any("not T*P" in r for r in ab.supports(_problem(seq_len=100)))
+    assert any("device is cuda" in r for r in ab.not_supported_reasons(_problem(device_kind="cuda")))
+    assert any("head_dim is 1024" in r for r in ab.not_supported_reasons(_problem(head_dim=1024)))
+    assert any("float64" in r for r in ab.not_supported_reasons(_problem(dtype=torch.float64)))
+    assert any("not a whole GQA" in r for r in ab.not_supported_reasons(_problem(num_heads=40, num_kv_heads=6)))
+    assert any("not T*P" in r for r in ab.not_supported_reasons(_problem(seq_len=100)))
     assert devices.collective_backend("npu") == "hccl"
 
 

@@ -34,7 +34,8 @@ def test_plan_json_matches_planner(capsys):
 
 
 def test_plan_explicit_geometry_and_flags(capsys):
-    rc, out, _ = run(["plan", "--latent-frames", "40", "--patches-per-frame", "99", "--key-frame-interval", "8",
+    # --key-frame-interval is in video frames like the window: 32 // 4 = 8 latent
+    rc, out, _ = run(["plan", "--latent-frames", "40", "--patches-per-frame", "99", "--key-frame-interval", "32",
                       "--no-rotate", "--window-size", "0", "--json"], capsys)
     d = json.loads(out)
     assert d["key_frame_interval"] == 8 and not d["auto"] and not d["rotate"] and d["W"] == 0

@@ -57,9 +57,13 @@ def test_bad_config_json():
         Config.load(env={}, bogus=1)
 
 
-def test_schedule_vars_deprecated(capsys):
+def test_schedule_vars_deprecated(capsys, fresh_plugins):
+    from lvsa.engine import Engine
+
     with pytest.warns(DeprecationWarning, match="LVSA_SPARSITY_SCALE"):
-        Config.load(env={"LVSA_SCHEDULE_START": "0.2"})
+        cfg = Config.load(env={"LVSA_SCHEDULE_START": "0.2"})
+    assert cfg.deprecation_notices()
+    Engine(config=cfg)  # the runtime prints the notice (the data layer only warns)
     assert "[LVSA] WARNING LVSA_SCHEDULE_START=0.2 is deprecated" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -52,6 +52,13 @@ def with_backends(fresh_plugins):
     yield
 
 
+def ranks(monkeypatch, **by_name):
+    """Set the auto-selection rank on the CPU of the test backends (others: never auto)."""
+    for cls in (CudaOnly, Exploding, Marker):
+        r = by_name.get(cls.name)
+        monkeypatch.setattr(cls, "priority", {"cpu": r} if r is not None else {})
+
+
 def inputs(T=6, P=5):
     mask = lvsa.plan_schedule(T, 1, 1, 2).mask(1)
     q = torch.randn(2, T * P, 4, 8)
@@ -67,11 +74,11 @@ def cpu_problem(**kw):
 
 
 def test_supports_reasons_name_actual_and_allowed(with_backends):
-    r = plugins.get_backend("cudaonly").supports(cpu_problem())
+    r = plugins.get_backend("cudaonly").not_supported_reasons(cpu_problem())
     joined = " | ".join(r)
     assert "device is cpu, cudaonly runs on cuda" in joined
     assert "a_package_that_does_not_exist_lvsa" in joined and "pip install" in joined
-    r2 = CudaOnly().supports(cpu_problem(device_kind="cuda", compute_capability=(8, 0)))
+    r2 = CudaOnly().not_supported_reasons(cpu_problem(device_kind="cuda", compute_capability=(8, 0)))
     assert any("compute capability is 8.0, needs >= 9.0" in x for x in r2)
 
 
@@ -100,22 +107,34 @@ def test_precedence_argument_context_env(with_backends, monkeypatch):
 
 
 def test_auto_walks_priority_and_records_refusals(with_backends, monkeypatch, capsys):
-    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("cudaonly", "notinstalled", "marker", "reference"))
+    ranks(monkeypatch, cudaonly=30, marker=20)
+    assert dispatch.auto_order("cpu") == ["cudaonly", "marker", "reference"]
     sel = dispatch.select_backend(cpu_problem())
     assert sel.name == "marker" and sel.auto and sel.source == "auto"
     assert any("runs on cuda" in r for r in sel.refused["cudaonly"])
-    assert sel.refused["notinstalled"] == ["not installed (pip install notinstalled)"]
+    assert list(sel.refused) == ["cudaonly"]
     err = capsys.readouterr().err
     assert "[LVSA] backend=marker (auto on cpu) refused: cudaonly:" in err
 
 
-def test_unlisted_third_party_backends_go_before_reference(with_backends):
+def test_backends_without_a_declared_rank_go_before_reference(with_backends):
+    class Plain(ReferenceBackend):
+        name = "plain"
+        priority = None  # nothing declared: the default rank on each of its devices
+
+    class Never(ReferenceBackend):
+        name = "never"
+        priority = {}  # auto never picks it; it runs when named
+
+    plugins.register_plugin(_Plugin(Plain(), Never()), name="plain")
     order = dispatch.auto_order("cpu")
-    assert order[-1] == "reference" and "exploding" in order and "marker" in order
+    assert order[-1] == "reference" and order.index("plain") < order.index("reference")
+    assert "never" not in order and "never" in dispatch.explain(cpu_problem(dtype=torch.float32))
+    assert dispatch.auto_order("cpu") == dispatch.auto_order("cpu")  # deterministic
 
 
 def test_runtime_error_falls_back_to_reference_in_auto(with_backends, monkeypatch, capsys):
-    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("exploding", "reference"))
+    ranks(monkeypatch, exploding=10)
     mask, q, k, v = inputs()
     out = lvsa.attention(q, k, v, mask)
     want = lvsa.attention(q, k, v, mask, backend="reference")
@@ -127,7 +146,7 @@ def test_runtime_error_falls_back_to_reference_in_auto(with_backends, monkeypatc
 
 
 def test_strict_reraises(with_backends, monkeypatch):
-    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("exploding", "reference"))
+    ranks(monkeypatch, exploding=10)
     monkeypatch.setenv("LVSA_STRICT", "1")
     mask, q, k, v = inputs()
     with pytest.raises(RuntimeError, match="too many resources"):
@@ -159,7 +178,7 @@ def test_plan_is_cached_per_mask_and_shape(with_backends):
 
 
 def test_a_backend_that_raised_is_demoted_for_that_problem(with_backends, monkeypatch, capsys):
-    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("exploding", "marker", "reference"))
+    ranks(monkeypatch, exploding=20, marker=10)
     Exploding.calls = 0
     mask, q, k, v = inputs()
     for _ in range(3):

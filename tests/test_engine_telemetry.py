@@ -234,3 +234,82 @@ def test_a_step_opened_by_the_last_callback_is_not_timed(fresh_plugins, capsys):
     eng.end_generation()
     steps = re.findall(r"\[LVSA-TIME\] step=(\d+)", capsys.readouterr().err)
     assert steps == ["0", "1", "2"]
+
+
+def test_one_record_of_a_generations_counts(fresh_plugins, monkeypatch):
+    """A backend error in auto mode is one fallback, counted once in the generation's
+    record and once in the session (one path feeds both), and the sink prints it once."""
+    from lvsa import dispatch, plugins
+    from lvsa.backends.reference import ReferenceBackend
+    from lvsa.hookspecs import hookimpl
+
+    class Boom(ReferenceBackend):
+        name = "boom"
+        priority = {"cpu": 50}
+
+        def run(self, plan, *a, **kw):
+            raise RuntimeError("boom")
+
+    class P:
+        @hookimpl
+        def lvsa_register_backends(self, register):
+            register(Boom())
+
+    plugins.register_plugin(P())
+    dispatch.clear_caches()
+    eng = Engine(family="wan", window_size=4)
+    eng.set_geometry(patches_per_frame=2)
+    q, k, v, _, _ = qkv(1, 30 * 2)
+    eng.attention(q, k, v)          # boom raises: reference runs, one backend_error fallback
+    eng.attention(q, k, v)          # boom is demoted for this problem: reference, no fallback
+    eng.attention(*qkv(1, 7)[:3])   # geometry fallback
+    s = eng.end_generation()
+    assert (s["sparse_calls"], s["fallbacks"]) == (2, 2)
+    assert s["fallbacks_by_reason"] == {"backend_error": 1, "geometry_detect": 1}
+    sess = telemetry.session_summary()
+    assert (sess["sparse_calls"], sess["fallbacks"]) == (2, 2)
+    assert sess["fallbacks_by_reason"] == s["fallbacks_by_reason"]
+    assert sess["backend_calls"] == {"reference": 2}
+    eng.begin_generation()
+    assert eng.end_generation()["fallbacks"] == 0 and telemetry.session_summary()["fallbacks"] == 2
+
+
+def test_print_once_is_the_sinks_rule(fresh_plugins, capsys):
+    """Every repeated fallback is still emitted (sinks see each one); the default sink alone
+    decides that its line is printed once."""
+    from lvsa import plugins
+
+    seen = []
+
+    class Rec:
+        from lvsa.hookspecs import hookimpl
+
+        @hookimpl
+        def lvsa_event(self, event):
+            if event.kind == "fallback":
+                seen.append(event["reason"])
+
+    plugins.register_plugin(Rec())
+    eng = Engine(family="wan")
+    for _ in range(3):
+        eng.attention(*qkv(1, 7)[:3])
+    assert seen == ["geometry_detect"] * 3
+    assert capsys.readouterr().err.count("[LVSA-FALLBACK]") == 1
+
+
+def test_key_frame_interval_is_in_video_frames(fresh_plugins, monkeypatch):
+    """LVSA_KEY_FRAME_INTERVAL counts video frames like the window and the first frames
+    (16 = 4 latent frames at the VAE's temporal factor 4)."""
+    from lvsa.config import Config
+
+    monkeypatch.setenv("LVSA_AUTO_KEYFRAMES", "0")
+    monkeypatch.setenv("LVSA_KEY_FRAME_INTERVAL", "16")
+    eng = Engine(family="wan", config=Config.load())
+    assert eng.schedule(81, 2).key_frame_interval == 4
+    eng = Engine(family="wan", config=Config.load(vae_temporal_factor=8))
+    assert eng.schedule(81, 2).key_frame_interval == 2
+    monkeypatch.setenv("LVSA_KEY_FRAME_INTERVAL", "2")
+    with pytest.raises(ValueError, match=r"LVSA_KEY_FRAME_INTERVAL=2 is in video frames.*multiple of 4"):
+        Config.load()
+    monkeypatch.delenv("LVSA_KEY_FRAME_INTERVAL")
+    assert Engine(family="wan", config=Config.load()).schedule(81, 2).key_frame_interval == 4  # default 16

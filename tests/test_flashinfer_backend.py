@@ -71,7 +71,7 @@ def _problem(**kw):
 def test_reasons_when_package_missing(monkeypatch):
     be = fb.FlashInferBackend()
     monkeypatch.setattr(be, "missing_packages", lambda: ["flashinfer"])
-    r = be.supports(_problem())
+    r = be.not_supported_reasons(_problem())
     assert any("package 'flashinfer' is not installed (pip install lvsa-cuda[flashinfer])" in x
                for x in r)
 
@@ -80,7 +80,7 @@ def test_reasons_when_import_fails(monkeypatch):
     be = fb.FlashInferBackend()
     monkeypatch.setattr(be, "missing_packages", lambda: [])
     monkeypatch.setattr(fb, "_import_error", lambda: "ImportError: libcudart.so.13 not found")
-    r = be.supports(_problem())
+    r = be.not_supported_reasons(_problem())
     assert r == ["flashinfer is installed but fails to import (ImportError: libcudart.so.13 not found)"]
 
 
@@ -88,12 +88,12 @@ def test_reasons_for_gpu_dtype_device(monkeypatch):
     be = fb.FlashInferBackend()
     monkeypatch.setattr(be, "missing_packages", lambda: [])
     monkeypatch.setattr(fb, "_import_error", lambda: None)
-    assert be.supports(_problem()) == []
-    assert be.supports(_problem(num_kv_heads=4)) == []  # GQA
-    text = " | ".join(be.supports(_problem(device_kind="cpu", dtype=torch.float32, head_dim=80,
+    assert be.not_supported_reasons(_problem()) == []
+    assert be.not_supported_reasons(_problem(num_kv_heads=4)) == []  # GQA
+    text = " | ".join(be.not_supported_reasons(_problem(device_kind="cpu", dtype=torch.float32, head_dim=80,
                                            compute_capability=None)))
     assert "device is cpu" in text and "dtype is float32" in text and "head_dim is 80" in text
-    old = " | ".join(be.supports(_problem(compute_capability=(7, 5))))
+    old = " | ".join(be.not_supported_reasons(_problem(compute_capability=(7, 5))))
     assert "compute capability is 7.5, needs >= 8.0" in old
 
 
@@ -101,10 +101,10 @@ def test_supports_without_flashinfer_here():
     """On a machine without flashinfer (CI) the backend refuses with a reason instead of
     failing to import."""
     be = fb.FlashInferBackend()
-    reasons = be.supports(_problem(device_kind="cpu", compute_capability=None))
+    reasons = be.not_supported_reasons(_problem(device_kind="cpu", compute_capability=None))
     assert any("device is cpu" in r for r in reasons)  # a CPU problem is refused in any case
     if be.missing_packages() or fb._import_error() is not None:
-        assert any("flashinfer" in r for r in be.supports(_problem()))
+        assert any("flashinfer" in r for r in be.not_supported_reasons(_problem()))
 
 
 def test_one_workspace_per_device():
@@ -170,11 +170,36 @@ def test_plan_and_run_against_the_reference(fake_flashinfer, B, H, Hkv, L):
     tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
     prob = Problem("cpu", torch.float32, B, T * P, H, Hkv, D, text_len=L, T=T, P=P)
     be = fb.FlashInferBackend()
-    plan = be.plan(mask, prob)
-    assert be.plan(mask, prob) is plan and _FakeBSRWrapper.plans == 1   # planned once per mask+shape
+    from lvsa import dispatch
+    dispatch.clear_caches()
+    plan = dispatch.plan_for(be, mask, prob)
+    assert dispatch.plan_for(be, mask, prob) is plan and _FakeBSRWrapper.plans == 1  # once per mask+shape
     out = be.run(plan, q, k, v, tk, tv)
     ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
     assert torch.allclose(out, ref, atol=2e-5)
     be.run(plan, q, k, v, tk, tv, scale=0.1)                            # a new scale replans
     assert _FakeBSRWrapper.plans == 2
     assert plan.wrapper.args[2] == B * T * P                             # batch folded into one call
+
+
+def test_text_merge_path_follows_the_tensors_device(fake_flashinfer, monkeypatch):
+    """CPU tensors never reach the CUDA text-merge kernel (whatever torch.cuda says): the
+    merge runs in torch, exactly."""
+    from lvsa.backends.reference import ReferenceBackend
+    from lvsa_cuda import triton_backend as tb
+
+    def no_kernel(*a, **kw):
+        raise AssertionError("the Triton text-merge kernel was called with CPU tensors")
+
+    monkeypatch.setattr(tb, "attend_text_into", no_kernel)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    T, P, D, B, H, L = 5, 6, 16, 1, 2, 3
+    mask = plan_schedule(T, 1, 1, 2).mask(0)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, T * P, H, D, generator=g) for _ in range(3))
+    tk, tv = (torch.randn(B, L, H, D, generator=g) for _ in range(2))
+    prob = Problem("cpu", torch.float32, B, T * P, H, H, D, text_len=L, T=T, P=P)
+    be = fb.FlashInferBackend()
+    out = be.run(be.plan(mask, prob), q, k, v, tk, tv)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, prob), q, k, v, tk, tv)
+    assert torch.allclose(out, ref, atol=2e-5)

@@ -28,8 +28,9 @@ def test_matches_reference(T, P, H, Hkv, B, L):
     ref = REF.run(REF.plan(mask, None), q, k, v, tk, tv, 0.3)
     assert out.shape == q.shape
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    # the FlexAttention mask is built once per (mask, S, L, device) and cached
-    assert be.plan(mask, problem) is be.plan(mask, problem)
+    # the FlexAttention mask is built once per (mask, problem): the dispatcher caches it
+    from lvsa import dispatch
+    assert dispatch.plan_for(be, mask, problem) is dispatch.plan_for(be, mask, problem)
 
 
 def test_mask_mod_frame_table_and_text():
@@ -49,10 +50,10 @@ def test_capabilities_and_reasons():
     be = lvsa_flex.FlexBackend()
     assert be.name == "flex" and be.devices == ("cuda",)
     p = Problem("cpu", torch.float32, 1, 48, 2, 2, 32, T=4, P=12)
-    assert any("device is cpu" in r for r in be.supports(p))
+    assert any("device is cpu" in r for r in be.not_supported_reasons(p))
     cuda = Problem("cuda", torch.bfloat16, 1, 48, 2, 1, 128, text_len=5, T=4, P=12,
                    compute_capability=(9, 0))
-    assert be.supports(cuda) == []
+    assert be.not_supported_reasons(cuda) == []
 
 
 def test_raises_dynamo_recompile_limit():

@@ -188,7 +188,7 @@ def test_help_is_complete(capsys):
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_adapter_decode_matches_the_pipelines_own(family):
     # `lvsa decode` / the decode after the saved latent must equal what the pipeline would have returned
-    from lvsa.integrations.base import adapter_for_family
+    from lvsa.integrations.registry import adapter_for_family
 
     pipe = tiny.build(family)
     pipe.set_progress_bar_config(disable=True)
@@ -202,7 +202,7 @@ def test_adapter_decode_matches_the_pipelines_own(family):
 
 def test_cogvideox_15_padding_is_dropped_before_decode():
     """CogVideoX 1.5 (patch_size_t=2) pads the latent; the decode must drop it like the pipeline."""
-    from lvsa.integrations.base import adapter_for_family
+    from lvsa.integrations.registry import adapter_for_family
 
     pipe = tiny.build("cogvideox", patch_size_t=2)
     pipe.set_progress_bar_config(disable=True)

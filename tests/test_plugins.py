@@ -139,13 +139,13 @@ def test_selection_follows_registration(fresh_plugins, monkeypatch):
 
     class Late(ReferenceBackend):
         name = "late"
+        priority = {"cpu": 5}
 
     class P:
         @hookimpl
         def lvsa_register_backends(self, register):
             register(Late())
 
-    monkeypatch.setitem(dispatch.AUTO_PRIORITY, "cpu", ("late", "reference"))
     prob = Problem("cpu", torch.float32, 1, 4, 1, 1, 8, T=2, P=2)
     assert dispatch.select_backend(prob).name == "reference"
     p = P()

@@ -8,7 +8,8 @@ import torch
 
 from lvsa import Config, integrations, tiny
 from lvsa.integrations import riflex
-from lvsa.telemetry import DefaultSink, Event
+from lvsa.events import Event
+from lvsa.sink import DefaultSink
 
 FAMILIES = ("wan", "hunyuan", "cogvideox")
 # past each tiny model's training horizon (reference 21 / 33 / 13 latent frames)

@@ -77,7 +77,7 @@ def test_backend_run_default_config_scale_and_strides():
     bhsd = [torch.randn(B, H, T * P, D, generator=g).half().to(DEV) for _ in range(3)]
     q, k, v = (t.transpose(1, 2) for t in bhsd)  # [B, S, H, D] views, not contiguous
     be = tb.TritonBackend()
-    out = be.run(be.plan(mask, None), q, k, v, None, None, 0.2)
+    out = be.run(be.plan(mask, Problem.from_tensors(q, k, mask)), q, k, v, None, None, 0.2)
     assert _err(out, _expect(mask, q, k, v, None, None, 0.2)) < TOL[torch.float16]
 
 
@@ -87,7 +87,8 @@ def test_dense_and_globals_only_masks():
     glob = BlockMask(5, (0, 3), None)
     for mask in (dense, glob):
         q, k, v, tk, tv = _inputs(1, mask.num_frames, 12, 2, 2, 64, 3, torch.float16, 7)
-        out = tb.TritonBackend().run(mask, q, k, v, tk, tv)
+        be = tb.TritonBackend()
+        out = be.run(be.plan(mask, Problem.from_tensors(q, k, mask, tk)), q, k, v, tk, tv)
         assert _err(out, _expect(mask, q, k, v, tk, tv)) < TOL[torch.float16]
 
 
@@ -138,16 +139,16 @@ def test_supports_reasons():
     be = tb.TritonBackend()
     mask = plan_schedule(9, W=1, n=1, reference=4).mask(0)
     q = torch.zeros(1, 9 * 12, 4, 96, dtype=torch.float32)
-    reasons = be.supports(Problem.from_tensors(q, q[:, :, :3], mask))
+    reasons = be.not_supported_reasons(Problem.from_tensors(q, q[:, :, :3], mask))
     text = " | ".join(reasons)
     assert "device is cpu" in text
     assert "dtype is float32" in text
     assert "head_dim is 96" in text
     p = Problem("cuda", torch.bfloat16, 1, 108, 4, 4, 128, T=9, P=12, compute_capability=(7, 5))
-    assert any("compute capability is 7.5, needs >= 8.0" in r for r in be.supports(p))
+    assert any("compute capability is 7.5, needs >= 8.0" in r for r in be.not_supported_reasons(p))
     ok = Problem("cuda", torch.bfloat16, 2, 108, 4, 2, 128, text_len=7, T=9, P=12,
                  compute_capability=(9, 0))
-    assert be.supports(ok) == []
+    assert be.not_supported_reasons(ok) == []
 
 
 def test_registered_through_entry_point():
@@ -168,12 +169,17 @@ def test_config_follows_compute_capability(monkeypatch):
     assert tb.choose_config(128, (9, 0)) == (64, 32, 4, 2, "tiles")
 
 
-def test_a_plan_for_another_device_is_replaced_by_one_for_q():
-    """A plan built elsewhere (here: on the meta device) must not reach the kernel."""
+def test_run_takes_a_plan_for_the_tensors_device_only():
+    """Strict plan/run: a plan built elsewhere (here: on the meta device) or a raw mask
+    never reaches the kernel; the plan for q's device runs."""
     mask = plan_schedule(6, W=1, n=1, reference=3).mask(1)
     q, k, v, _, _ = _inputs(1, 6, 12, 2, 2, 64, 0, torch.float16, seed=3)
     ip, ix = mask.csr_tensors("meta")
     foreign = tb.TritonPlan(mask, 6, ip, ix)
-    out = tb.block_sparse_attention(foreign, q, k, v, config=(16, 16, 4, 1, "span"))
+    with pytest.raises(ValueError, match="plan is on meta"):
+        tb.block_sparse_attention(foreign, q, k, v, config=(16, 16, 4, 1, "span"))
+    with pytest.raises(TypeError, match="TritonPlan"):
+        tb.block_sparse_attention(mask, q, k, v, config=(16, 16, 4, 1, "span"))
+    out = tb.block_sparse_attention(tb.plan_for(mask, q.device), q, k, v,
+                                    config=(16, 16, 4, 1, "span"))
     assert _err(out, _expect(mask, q, k, v, None, None)) < TOL[torch.float16]
-    assert tb.plan_for(mask, q.device) is tb.plan_for(mask, q.device)  # cached in the mask

@@ -35,17 +35,21 @@ class ReferenceBackend(Backend):
     devices = ("cpu", "cuda", "npu", "mps", "xpu")
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     description = "torch SDPA per frame group; exact; any device (oracle and last fallback)"
+    #: the last resort of automatic selection on every device
+    priority = {d: 0 for d in devices}
+    tolerances = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+                  torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
     def plan(self, mask, problem):
         """Frame groups with their key-frame index tensors on the problem's device."""
-        device = None
-        if problem is not None and problem.device_kind != "cpu":
-            device = f"{problem.device_kind}:{problem.device_index or 0}"
-        return mask.cached(("reference-groups", device), lambda: [
-            (a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)])
+        device = None if problem is None else problem.device
+        return [(a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)]
 
-    def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
-        groups = handle if isinstance(handle, list) else self.plan(handle, None)
+    def run(self, plan, q, k, v, text_k=None, text_v=None, scale=None):
+        if not isinstance(plan, list):
+            raise TypeError(f"reference.run() takes the plan from reference.plan(mask, problem), "
+                            f"got {type(plan).__name__}")
+        groups = plan
         B, S, H, D = q.shape
         Hkv = k.shape[2]
         T = groups[-1][1] + 1

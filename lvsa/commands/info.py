@@ -49,27 +49,42 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
                       num_heads=12, num_kv_heads=12, head_dim=head_dim, text_len=0, T=81, P=1560,
                       compute_capability=dev.compute_capability, device_index=dev.index)
     info["problem"] = f"{kind} {dtype} B=1 T=81 P=1560 H=12 D={head_dim}"
-    reasons = dispatch.explain(problem)
-    bks = plugins.backends()
+    # the diagnostic never crashes: a registry that cannot load (two backends with one
+    # name) is shown with the distributions involved instead of raised
+    clash = plugins.name_clash()
+    info["name_clash"] = None if clash is None else {
+        "backend": getattr(clash, "backend", None),
+        "distributions": list(getattr(clash, "distributions", ())), "message": str(clash)}
     rows = []
-    for name, r in reasons.items():
-        bk = bks.get(name)
-        rows.append({"name": name, "distribution": getattr(bk, "distribution", None),
-                     "version": getattr(bk, "distribution_version", None),
-                     "available": not r, "reasons": r,
-                     "description": getattr(bk, "description", "")})
-    info["backends"] = rows
-    info["auto_order"] = dispatch.auto_order(kind)
-    try:
-        sel = dispatch.select_backend(problem)
-        info["auto_selects"] = sel.name
-        info["selection_source"] = sel.source
-    except Exception as e:  # noqa: BLE001 - shown to the user
+    if clash is None:
+        reasons = dispatch.explain(problem)
+        bks = plugins.backends()
+        for name, r in reasons.items():
+            bk = bks[name]
+            rows.append({"name": name, "distribution": bk.distribution,
+                         "version": bk.distribution_version,
+                         "available": not r, "reasons": r, "auto_rank": bk.auto_rank(kind),
+                         "description": bk.description})
+        info["auto_order"] = dispatch.auto_order(kind)
+        try:
+            sel = dispatch.select_backend(problem)
+            info["auto_selects"] = sel.name
+            info["selection_source"] = sel.source
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            info["auto_selects"] = None
+            info["selection_error"] = str(e)
+    else:
+        info["auto_order"] = []
         info["auto_selects"] = None
-        info["selection_error"] = str(e)
+        info["selection_error"] = str(clash)
+    info["backends"] = rows
     info["plugins"] = [r.__dict__ for r in plugins.plugin_records()]
-    cfg = current_config()
-    info["settings"] = cfg.active_env()
+    try:
+        cfg = current_config()
+        info["settings"] = cfg.active_env()
+    except ValueError as e:  # a bad LVSA_* value: show it, do not crash
+        info["settings"] = {}
+        info["settings_error"] = str(e)
     return info
 
 
@@ -91,6 +106,11 @@ def cmd_info(args) -> int:
                 f"{g['index']}: {g['name']} {g['memory_used_mib']}/{g['memory_total_mib']} MiB" for g in nv["gpus"]))
         else:
             print(f"nvidia: {nv['reason']}")
+    if info.get("name_clash"):
+        c = info["name_clash"]
+        print(f"backend name clash: {c['message']}")
+        if c["distributions"]:
+            print(f"  distributions involved: {', '.join(c['distributions'])}")
     print(f"backends (for a typical problem: {info['problem']}):")
     for b in info["backends"]:
         src = f"{b['distribution']} {b['version']}" if b["distribution"] else "not installed"
@@ -98,7 +118,9 @@ def cmd_info(args) -> int:
         print(f"  {b['name']:<11} [{src}] {state}")
         for r in b["reasons"]:
             print(f"      - {r}")
-    print(f"auto order: {' > '.join(info['auto_order'])}; auto selects: {info['auto_selects']}")
+    print(f"auto order: {' > '.join(info['auto_order']) or '-'}; auto selects: {info['auto_selects']}")
+    print("  (backends of other distributions appear here once installed: see the README's "
+          "Backends section)")
     if info.get("selection_error"):
         print(f"  selection error: {info['selection_error']}")
     print("plugins:")
@@ -108,8 +130,10 @@ def cmd_info(args) -> int:
     if not info["plugins"]:
         print("  (none found in entry-point group 'lvsa')")
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["settings"].items()) or "(no LVSA_* set)"))
+    if info.get("settings_error"):
+        print(f"  settings error: {info['settings_error']}")
     if args.presets:
-        from ..schedule import PRESETS
+        from ..presets import PRESETS
         print("presets:")
         for p in PRESETS.values():
             print(f"  {p.name:<18} family={p.family:<9} ref={p.reference_latent_frames} "
@@ -117,5 +141,6 @@ def cmd_info(args) -> int:
                   f"D={p.head_dim} text={p.text_tokens}")
     if args.vars:
         from ..config import env_table
-        print(env_table())
+        from ..plugins import declared_settings
+        print(env_table(declared_settings() if not info.get("name_clash") else ()))
     return 0

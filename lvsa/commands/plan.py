@@ -30,7 +30,8 @@ def register(sub):
     s.add_argument("--n-first-frames", type=int, help="leading global frames, video frames (LVSA_N_FIRST_FRAMES)")
     s.add_argument("--reference-latent-frames", type=int, help="training horizon in latent frames")
     s.add_argument("--sparsity-scale", type=float, help="budget multiplier, < 1 sparser (LVSA_SPARSITY_SCALE)")
-    s.add_argument("--key-frame-interval", type=int, help="fixed keyframe interval; turns auto off")
+    s.add_argument("--key-frame-interval", type=int, help="fixed keyframe interval in video frames "
+                   "(// the VAE temporal factor: 16 = 4 latent); turns auto off (LVSA_KEY_FRAME_INTERVAL)")
     s.add_argument("--no-rotate", action="store_true", help="do not rotate the keyframe grid per step")
     s.add_argument("--no-expand", action="store_true", help="plain (not expanded) windows")
     s.add_argument("--world-size", type=int, default=1, help="context-parallel world size")

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from .base import STATE_ATTR, LVSAState, adapter_for_transformer, is_pipeline, lvsa_class, transformers_of
+from .base import STATE_ATTR, LVSAState, is_pipeline, lvsa_class, transformers_of
+from .registry import adapter_for_family, adapter_for_transformer  # noqa: F401
 
-__all__ = ["enable", "disable", "is_enabled", "engine_of", "last_summary"]
+__all__ = ["enable", "disable", "is_enabled", "engine_of", "last_summary", "adapter_for_family",
+           "adapter_for_transformer"]
 
 
 def enable(pipe, **settings):

@@ -25,32 +25,8 @@ STATE_ATTR = "_lvsa_state"
 
 
 # ------------------------------------------------------------------ geometry
-@dataclass(frozen=True)
-class Factors:
-    """VAE and patch factors of one model: latent = video // VAE, tokens = latent // patch."""
-
-    vae_temporal: int
-    vae_spatial: int
-    patch_t: int
-    patch_h: int
-    patch_w: int
-
-    @property
-    def spatial_multiple(self) -> Tuple[int, int]:
-        """Pixel multiples that height and width must have."""
-        return self.vae_spatial * self.patch_h, self.vae_spatial * self.patch_w
-
-    def latent_frames(self, num_frames: int) -> int:
-        return (int(num_frames) - 1) // self.vae_temporal + 1
-
-    def patches_per_frame(self, height: int, width: int) -> int:
-        return (int(height) // self.vae_spatial // self.patch_h) * (int(width) // self.vae_spatial // self.patch_w)
-
-
-def tokens_from_latent_shape(shape, factors: Factors) -> Tuple[int, int]:
-    """``(T, P)`` in transformer tokens for a ``[B, C, F, H, W]`` latent."""
-    F_, H, W = shape[-3], shape[-2], shape[-1]
-    return F_ // factors.patch_t, (H // factors.patch_h) * (W // factors.patch_w)
+from ..geometry import Factors, tokens_from_latent_shape  # noqa: E402,F401 (re-export)
+from ..presets import FAMILY_REFERENCE  # noqa: E402
 
 
 def cfg_get(cfg, key, default=None):
@@ -88,7 +64,6 @@ class Adapter:
         raise NotImplementedError
 
     def known_reference(self, pipe) -> int:
-        from ..schedule import FAMILY_REFERENCE
         return FAMILY_REFERENCE[self.family]
 
     def latent_tokens(self, shape, factors: Factors) -> Tuple[int, int]:
@@ -106,28 +81,6 @@ class Adapter:
     # shared helpers
     def pipe_factors(self, pipe) -> Factors:
         return self.factors(pipe.vae.config, transformers_of(pipe)[0].config)
-
-
-def _adapters() -> List[Adapter]:
-    from . import cogvideox, hunyuan, wan
-    return [wan.ADAPTER, hunyuan.ADAPTER, cogvideox.ADAPTER]
-
-
-def adapter_for_transformer(transformer) -> Adapter:
-    for a in _adapters():
-        if a.matches(transformer):
-            return a
-    raise TypeError(
-        f"lvsa has no adapter for {type(transformer).__name__}; supported: Wan 2.1/2.2 "
-        "(WanTransformer3DModel), HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel), "
-        "CogVideoX (CogVideoXTransformer3DModel)")
-
-
-def adapter_for_family(family: str) -> Adapter:
-    for a in _adapters():
-        if a.family == family:
-            return a
-    raise ValueError(f"unknown model family {family!r}; known: {', '.join(a.family for a in _adapters())}")
 
 
 def transformers_of(pipe) -> List[Any]:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..presets import FAMILY_REFERENCE, PRESETS, WAN_TI2V
 from .base import Adapter, Factors, ProcessorBase, cfg_get
 
 
@@ -92,9 +93,11 @@ class WanAdapter(Adapter):
                        cfg_get(vae_config, "scale_factor_spatial", 8) or 8, p[0], p[1], p[2])
 
     def known_reference(self, pipe) -> int:
-        # Wan 2.2 TI2V-5B (expand_timesteps) was trained at 121 frames; the others at 81.
+        # Wan 2.2 TI2V-5B (expand_timesteps) has its own horizon; the others the family's.
         cfg = getattr(pipe, "config", None)
-        return 31 if cfg_get(cfg, "expand_timesteps", False) else 21
+        if cfg_get(cfg, "expand_timesteps", False):
+            return PRESETS[WAN_TI2V].reference_latent_frames
+        return FAMILY_REFERENCE["wan"]
 
     def call_geometry(self, pipe, args: Dict[str, Any]):
         f = self.pipe_factors(pipe)

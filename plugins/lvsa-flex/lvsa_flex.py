@@ -6,7 +6,7 @@ looks up a ``[T, T]`` frame table: query token ``q`` may see video key ``k`` whe
 and are always visible. GQA goes through ``enable_gqa``. On CUDA, ``flex_attention``
 and ``create_block_mask`` are compiled (``_compile=True``: without it the mask build
 runs out of memory for long videos); the FlexAttention mask is built once per
-(lvsa mask, P, text length, device) and cached inside the lvsa mask. Each new shape
+(lvsa mask, problem) by ``plan()``; lvsa's dispatcher caches it. Each new shape
 is a recompilation, so the plugin raises dynamo's recompile limit to
 :data:`RECOMPILE_LIMIT` (past the default 8 dynamo would fall back to eager mode,
 which materialises the whole mask and runs out of memory).
@@ -92,6 +92,10 @@ class FlexBackend(Backend):
     supports_text = True
     min_compute_capability = (8, 0)
     requires = ("torch.nn.attention.flex_attention",)
+    install_hint = "upgrade torch to >= 2.5"
+    #: never chosen automatically: slower than the reference at every measured shape
+    #: (H200); ``backend="flex"`` selects it
+    priority: dict = {}
     description = "PyTorch FlexAttention with a frame-table mask_mod (torch-native, compiled on CUDA)"
 
     def missing_packages(self):
@@ -105,34 +109,30 @@ class FlexBackend(Backend):
         return [f"{m} is not available: upgrade torch" for m in self.missing_packages()]
 
     def plan(self, mask: BlockMask, problem) -> FlexPlan:
-        if problem.device_kind == "cuda":
-            device = f"cuda:{problem.device_index or 0}"
-        else:
-            device = problem.device_kind
-        return self.plan_for(mask, problem.seq_len, problem.text_len, device)
+        return self.plan_for(mask, problem.seq_len, problem.text_len, problem.device)
 
     def plan_for(self, mask: BlockMask, S: int, L: int, device) -> FlexPlan:
-        key = (self.name, S, L, str(device))
-
-        def build():
-            fa = _flex_modules()
-            T = mask.num_frames
-            P = S // T
-            table = mask.to_dense("frame").to(device)
-            compile_ = torch.device(device).type == "cuda"
-            if compile_:
-                _raise_recompile_limit()
-            bm = fa.create_block_mask(frame_mask_mod(table, P, S), None, None, S, S + L,
-                                      device=device, BLOCK_SIZE=BLOCK_SIZE, _compile=compile_)
-            return FlexPlan(bm, S, L)
-
-        return mask.cached(key, build)
+        """The FlexAttention block mask of ``mask`` for ``S`` video and ``L`` text tokens."""
+        fa = _flex_modules()
+        T = mask.num_frames
+        P = S // T
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        table = mask.to_dense("frame").to(device)
+        compile_ = device.type == "cuda"
+        if compile_:
+            _raise_recompile_limit()
+        bm = fa.create_block_mask(frame_mask_mod(table, P, S), None, None, S, S + L,
+                                  device=str(device), BLOCK_SIZE=BLOCK_SIZE, _compile=compile_)
+        return FlexPlan(bm, S, L)
 
     def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
         B, S, H, D = q.shape
         L = 0 if text_k is None else text_k.shape[1]
-        if isinstance(handle, BlockMask):
-            handle = self.plan_for(handle, S, L, q.device)
+        if not isinstance(handle, FlexPlan):
+            raise TypeError(f"flex.run() takes the FlexPlan from flex.plan(mask, problem), "
+                            f"got {type(handle).__name__}")
         if (handle.S, handle.L) != (S, L):
             raise ValueError(f"flex plan was made for S={handle.S}, text={handle.L}; got S={S}, text={L}")
         if L:

@@ -9,9 +9,14 @@ import json
 import os
 import threading
 
+from lvsa.config import Setting, p_str
 from lvsa.hookspecs import hookimpl
 
 _lock = threading.Lock()
+
+PATH_SETTING = Setting("LVSA_JSONL_PATH", p_str, None,
+                       "append every lvsa event as one JSON line to this file (unset: off)",
+                       owner="jsonl (lvsa-jsonl)")
 
 
 def _plain(v):
@@ -25,8 +30,13 @@ def _plain(v):
 
 
 @hookimpl
+def lvsa_settings():
+    return [PATH_SETTING]
+
+
+@hookimpl
 def lvsa_event(event):
-    path = os.environ.get("LVSA_JSONL_PATH")
+    path = PATH_SETTING.read()
     if not path:
         return
     rec = {"kind": event.kind, "time": round(event.time, 6), "pid": os.getpid()}

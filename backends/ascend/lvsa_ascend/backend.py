@@ -169,6 +169,8 @@ class AscendBackend(Backend):
     supports_gqa = True
     supports_text = True
     requires = ("torch_npu",)
+    install_hint = "pip install torch-npu"
+    priority = {"npu": 100}
     description = ("torch_npu npu_fusion_attention: dense globals (BSND) + packed varlen "
                    "windows (TND) + text, merged by LSE; Atlas A2/A3")
     #: packed window K/V tokens per varlen call (bounds the gather buffer:
@@ -206,14 +208,14 @@ class AscendBackend(Backend):
 
     # ------------------------------------------------------------- execution
     def plan(self, mask: BlockMask, problem: Optional[Problem] = None) -> AscendPlan:
-        budget, seqs = self.window_kv_tokens, self.max_varlen_seqs
-        return mask.cached(("ascend-plan", budget, seqs),
-                           lambda: AscendPlan.build(mask, budget, seqs))
+        return AscendPlan.build(mask, self.window_kv_tokens, self.max_varlen_seqs)
 
-    def run(self, handle, q, k, v, text_k=None, text_v=None, scale=None):
-        """See :meth:`lvsa.backend.Backend.run`; ``handle`` is an :class:`AscendPlan`
-        (or a :class:`BlockMask`, planned on the fly)."""
-        plan = handle if isinstance(handle, AscendPlan) else self.plan(handle)
+    def run(self, plan, q, k, v, text_k=None, text_v=None, scale=None):
+        """See :meth:`lvsa.backend.Backend.run`; ``plan`` is the :class:`AscendPlan` from
+        :meth:`plan`."""
+        if not isinstance(plan, AscendPlan):
+            raise TypeError(f"ascend.run() takes the AscendPlan from ascend.plan(mask, problem), "
+                            f"got {type(plan).__name__}")
         npu = importlib.import_module("torch_npu")
         B, S, H, D = q.shape
         Hkv = k.shape[2]

@@ -18,8 +18,8 @@ result is the softmax over ``attended video keys ∪ text keys`` with no phantom
 
 Plans and memory
 ----------------
-``plan()`` runs FlashInfer's planner once per distinct (mask, batch, heads, head_dim,
-dtype, P) and is cached inside the mask. All plans on a device share ONE float
+``plan()`` runs FlashInfer's planner once per distinct (mask, problem); the dispatcher
+caches the plan. All plans on a device share ONE float
 workspace (:func:`workspace`, ``LVSA_FLASHINFER_WORKSPACE_MB``, default 128); each plan
 keeps only FlashInfer's small integer schedule buffers. Its first use JIT-compiles the
 kernel (about 1.5 minutes on an H200; cached under ``FLASHINFER_WORKSPACE_BASE``).
@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import os
 import threading
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -37,15 +36,22 @@ from typing import List, Optional, Tuple
 import torch
 
 from lvsa_cuda import CudaBackend, device_guard
+from lvsa.config import Setting, p_int
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
-from lvsa.ops import default_scale
+from lvsa.ops import attention_lse, default_scale, merge_lse
 
 LN2 = math.log(2.0)
 DEFAULT_WORKSPACE_MB = 128
 
 _lock = threading.Lock()
 _workspaces = {}
+
+#: ``LVSA_FLASHINFER_WORKSPACE_MB``: declared on the backend (``lvsa info --vars`` lists it)
+WORKSPACE_SETTING = Setting(
+    "LVSA_FLASHINFER_WORKSPACE_MB", p_int(1), DEFAULT_WORKSPACE_MB,
+    "MiB of the one float workspace per device shared by every flashinfer plan",
+    owner="flashinfer (lvsa-cuda)")
 
 
 def workspace(device: torch.device) -> torch.Tensor:
@@ -57,7 +63,7 @@ def workspace(device: torch.device) -> torch.Tensor:
     with _lock:
         buf = _workspaces.get(key)
         if buf is None:
-            mb = int(os.environ.get("LVSA_FLASHINFER_WORKSPACE_MB", DEFAULT_WORKSPACE_MB))
+            mb = WORKSPACE_SETTING.read()
             buf = torch.empty(mb * 2**20, dtype=torch.uint8, device=device)
             _workspaces[key] = buf
         return buf
@@ -129,6 +135,11 @@ class FlashInferBackend(CudaBackend):
 
     name = "flashinfer"
     requires = ("flashinfer", "triton")
+    install_hint = "pip install lvsa-cuda[flashinfer]"
+    #: first on CUDA: 7-13 % faster than triton at every T >= 41 and 1.01-1.44x the
+    #: reference at every sparse shape (H200, benchmarks/results/attention-h200-*.md)
+    priority = {"cuda": 110}
+    settings = (WORKSPACE_SETTING,)
     description = ("FlashInfer BlockSparseAttentionWrapper, one block per latent frame, "
                    "batch as a block-diagonal CSR, text merged by base-2 LSE; "
                    "pip install lvsa-cuda[flashinfer]")
@@ -149,13 +160,11 @@ class FlashInferBackend(CudaBackend):
 
     # ------------------------------------------------------------------ plan
     def plan(self, mask: BlockMask, problem) -> FlashInferPlan:
-        device = (torch.device("cuda", problem.device_index or 0) if problem.device_kind == "cuda"
-                  else torch.device(problem.device_kind))
+        device = problem.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         P = problem.seq_len // mask.num_frames
-        key = (self.name, str(device), problem.batch, P, problem.num_heads,
-               problem.num_kv_heads, problem.head_dim, problem.dtype)
-        return mask.cached(key, lambda: self._build(mask, problem, device, P,
-                                                    default_scale(problem.head_dim)))
+        return self._build(mask, problem, device, P, default_scale(problem.head_dim))
 
     def _build(self, mask, problem, device, P, scale) -> FlashInferPlan:
         import flashinfer
@@ -183,6 +192,9 @@ class FlashInferBackend(CudaBackend):
     def run(self, handle: FlashInferPlan, q, k, v, text_k=None, text_v=None, scale=None):
         from .triton_backend import attend_text_into
 
+        if not isinstance(handle, FlashInferPlan):
+            raise TypeError(f"flashinfer.run() takes the FlashInferPlan from "
+                            f"flashinfer.plan(mask, problem), got {type(handle).__name__}")
         B, S, H, D = q.shape
         Hkv = k.shape[2]
         if (B, H, Hkv, D, q.dtype) != (handle.batch, handle.num_heads, handle.num_kv_heads,
@@ -207,9 +219,22 @@ class FlashInferBackend(CudaBackend):
         if not has_text:
             return res.view(B, S, H, D)
         out, lse2 = res
+        out, lse2 = out.view(B, S, H, D), lse2.view(B, S, H)
+        if q.device.type != "cuda":
+            # the text-merge kernel needs CUDA tensors (or the Triton interpreter): on any
+            # other device (the CPU test stand-in) merge the text part in torch instead
+            return merge_text_torch(out, lse2, q, text_k, text_v, scale)
         with device_guard(q.device):
-            return attend_text_into(out.view(B, S, H, D), lse2.view(B, S, H), q, text_k, text_v,
-                                    scale)
+            return attend_text_into(out, lse2, q, text_k, text_v, scale)
+
+
+def merge_text_torch(out, lse2, q, text_k, text_v, scale: float):
+    """The exact text merge of :func:`lvsa_cuda.triton_backend.attend_text_into` in torch
+    (float32; chosen by the tensors' device when they are not on a CUDA GPU)."""
+    o_txt, lse_txt = attention_lse(q, text_k, text_v, scale)
+    merged, _ = merge_lse(out.float(), lse2_to_natural(lse2.float()), o_txt, lse_txt)
+    out.copy_(merged.to(out.dtype))
+    return out
 
 
 @hookimpl

@@ -1,0 +1,2 @@
+"""The lvsa version (a leaf module)."""
+__version__ = "0.1.0"

@@ -1,0 +1,107 @@
+"""The default log sink: prints the ``[LVSA]``, ``[LVSA-FALLBACK]``, ``[LVSA-MEM]``,
+``[LVSA-TIME]``, ``[LVSA-MASK]`` and ``[LVSA-PLUGIN]`` lines of DESIGN.md §3.
+
+Registered like any plugin (an ``lvsa_event`` hook). It holds the one print-once rule of
+lvsa: :data:`PRINT_ONCE` names, per event kind, the fields whose values make a line new;
+a line whose key was already printed in this process is not printed again. Emitters
+decide which events exist (the engine announces ``engaged``/``schedule`` once per
+generation); the sink alone decides which lines are repeats.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+
+from .events import Event
+from .hookspecs import hookimpl
+
+#: event kind → the fields that make its line distinct (printed once per process)
+PRINT_ONCE = {
+    "fallback": ("origin", "reason", "seq_len"),
+    "selection": ("backend", "device"),
+    "warning": ("message",),
+    "plugin_error": ("plugin", "error"),
+}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f}GB"
+
+
+class DefaultSink:
+    """Prints the documented log lines (to stderr by default)."""
+
+    def __init__(self, stream=None):
+        self._stream = stream
+        self._printed = set()
+        self._lock = threading.Lock()
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    def _print(self, line: str):
+        print(line, file=self.stream, flush=True)
+
+    def _first_time(self, event: Event) -> bool:
+        keys = PRINT_ONCE.get(event.kind)
+        if keys is None:
+            return True
+        key = (event.kind,) + tuple(repr(event.fields.get(k)) for k in keys)
+        with self._lock:
+            if key in self._printed:
+                return False
+            self._printed.add(key)
+            return True
+
+    @hookimpl
+    def lvsa_event(self, event: Event):
+        f = event.fields
+        k = event.kind
+        if k == "fallback" and not f.get("warn", True):
+            return
+        if not self._first_time(event):
+            return
+        if k == "schedule":  # the engine emits it once per generation and geometry
+            self._print(f"[LVSA] reference_latent_frames={f['reference']} target_latent_frames={f['T']} "
+                        f"extension_ratio={f['extension_ratio']:.2f}x")
+            if f.get("auto"):
+                self._print(f"[LVSA] computed key_frame_interval={f['kfi']} (latent frames)")
+            self._print(f"[LVSA] kfi={f['kfi']} global_count={f['global_count']} "
+                        f"attended_per_frame={f['attended_max']}/{f['T']}")
+        elif k == "engaged":  # the engine emits it once per generation
+            mode = "DENSE (T_lat <= ref)" if f["dense"] else "SPARSE"
+            self._print(f"[LVSA] engaged ({f['origin']}): T_lat={f['T']} P={f['P']} seq_len={f['seq_len']} "
+                        f"kfi={f['kfi']} W={f['W']} |G|={f['global_count']} -> {mode}")
+        elif k == "fallback":
+            skip = ("origin", "reason", "seq_len", "to", "warn")
+            extra = " ".join(f"{a}={b}" for a, b in f.items() if a not in skip)
+            extra = (" " + extra.replace(", ", ",")) if extra else ""
+            target = "the REFERENCE backend" if f.get("to") == "reference" else "DENSE attention"
+            self._print(f"[LVSA-FALLBACK] origin={f.get('origin')} reason={f.get('reason')} "
+                        f"seq_len={f.get('seq_len')}{extra} -- falling back to {target} "
+                        "(set LVSA_WARN_FALLBACK=0 to silence)")
+        elif k == "selection":
+            refused = "; ".join(f"{n}: {', '.join(r)}" for n, r in f["refused"].items())
+            self._print(f"[LVSA] backend={f['backend']} (auto on {f['device']})"
+                        + (f" refused: {refused}" if refused else ""))
+        elif k == "riflex":  # once per generation (lvsa.integrations.riflex)
+            note = ("" if f["changed"] else
+                    " (unchanged: T_lat <= reference)" if f["T"] <= f["reference"] else
+                    " (unchanged: the period already covers T_lat)")
+            self._print(f"[LVSA] riflex k={f['k']} period {f['period']:.1f}->{f['new_period']:.1f} latent frames "
+                        f"(reference={f['reference']} T_lat={f['T']}){note}")
+        elif k == "mask":
+            self._print(f"[LVSA-MASK] step={f['step']} offset={f['offset']} sparsity={f['sparsity']:.3f}\n"
+                        + f["picture"])
+        elif k == "memory":
+            self._print(f"[LVSA-MEM] step={f['step']} {f['device_kind']}={f['index']} alloc={_gb(f['alloc'])} "
+                        f"reserved={_gb(f['reserved'])} peak={_gb(f['peak'])}")
+        elif k == "step_time":
+            self._print(f"[LVSA-TIME] step={f['step']} dt={f['dt']:.3f}s")
+        elif k == "plugin_error":
+            what = f.get("what") or "failed to load and was skipped"
+            self._print(f"[LVSA-PLUGIN] plugin {f['plugin']!r} from {f['distribution']} {what}: "
+                        f"{f['error']}")
+        elif k == "warning":
+            self._print(f"[LVSA] WARNING {f['message']}")
