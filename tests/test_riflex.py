@@ -200,6 +200,9 @@ def test_round_trip_and_composition_with_sparse_attention(family, fresh_plugins,
         both = tiny.run_latent(pipe, family, **kw)
     s = integrations.last_summary(pipe)
     assert s["sparse_calls"] > 0 and s["fallbacks"] == 0 and s["T"] > s["reference"]
+    assert s["riflex"] == {"k": 1, "period": pytest.approx(2 * math.pi, rel=1e-6),
+                           "new_period": pytest.approx(s["T"] / 0.9), "reference": REF, "target": s["T"],
+                           "changed": True}
     (ev,) = rec.of("riflex")                                    # one line per generation
     assert ev["changed"] and ev["T"] == s["T"] and ev["reference"] == s["reference"]
     assert ev["new_period"] == pytest.approx(s["T"] / 0.9)

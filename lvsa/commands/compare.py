@@ -289,7 +289,7 @@ def _compare(args) -> int:
     import torch
 
     from .. import integrations
-    from ..integrations.base import adapter_for_family
+    from ..integrations import adapter_for_family
 
     adapter = adapter_for_family(spec.family)
     pipe = _gen.load_pipeline(spec, device, dtype)
@@ -332,15 +332,9 @@ def _compare(args) -> int:
             raise _gen.UserError(str(e)) from None
         latent = (res.frames if hasattr(res, "frames") else res[0]).detach().to("cpu")
         t_denoise = time.perf_counter() - t0
-        state = pipe.__dict__.get("_lvsa_state")
-        rx = getattr(state, "riflex", None)
-        plan = getattr(rx, "last_plan", None)
-        info[name] = {
-            "settings": run_settings, "denoise_s": round(t_denoise, 3),
-            "lvsa": integrations.last_summary(pipe),
-            "riflex": None if plan is None else {"k": plan.k, "period": plan.period, "new_period": plan.new_period,
-                                                 "reference": plan.reference, "target": plan.target,
-                                                 "changed": plan.changed}}
+        summary = integrations.last_summary(pipe)
+        info[name] = {"settings": run_settings, "denoise_s": round(t_denoise, 3), "lvsa": summary,
+                      "riflex": None if summary is None else summary.get("riflex")}
         t1 = time.perf_counter()
         with torch.no_grad():
             videos[name] = adapter.decode(pipe, latent, num_frames=num_frames)

@@ -230,6 +230,8 @@ class LVSAState:
                     self.engine.fallback("pipeline", "lvsa_not_called", 0,
                                          fix="no attention call reached lvsa in this generation")
                     self.last_summary = self.engine.end_generation()
+                if self.riflex is not None:
+                    self.last_summary["riflex"] = self.riflex.summary()
         finally:
             with self._lock:
                 self._depth -= 1

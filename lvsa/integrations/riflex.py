@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -162,9 +162,20 @@ class Riflex:
         self._announced: set = set()
         self._generation: Optional[int] = None
         self.last_plan: Optional[RiflexPlan] = None
+        self._plan_generation: Optional[int] = None
 
     def check_k(self, n_components: int, where: str) -> None:
         check_k(self.k, n_components, where)
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        """What RIFLEx did in the current generation (``None``: no table reached it)."""
+        from .. import telemetry
+
+        p = self.last_plan
+        if p is None or self._plan_generation != telemetry.SESSION.generation:
+            return None
+        return {"k": p.k, "period": p.period, "new_period": p.new_period, "reference": p.reference,
+                "target": p.target, "changed": p.changed}
 
     def table(self, cos: torch.Tensor, sin: torch.Tensor, T: int, tokens_per_frame: int,
               t_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +193,7 @@ class Riflex:
         if T < 2:  # a single frame has no temporal frequency to read or change
             return cos, sin
         p = plan(table_frequencies(cos, sin, T, t_dim), reference, T, self.k)
-        self.last_plan = p
+        self.last_plan, self._plan_generation = p, telemetry.SESSION.generation
         self._announce(("plan", T, p.k), lambda: telemetry.emit(
             "riflex", k=p.k, period=p.period, new_period=p.new_period, T=T, reference=reference,
             changed=p.changed, components=t_dim // 2))
