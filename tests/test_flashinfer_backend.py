@@ -115,48 +115,9 @@ def test_one_workspace_per_device():
     fb._workspaces.clear()
 
 
-# ---------------------------------------------------------------------------------------
 # The backend's plan/run on the CPU against a stand-in for FlashInfer's documented
-# BlockSparseAttentionWrapper semantics (block row i = query rows [i*R, (i+1)*R), block
-# column j = key rows [j*C, (j+1)*C); run(q [M,Hq,D], k/v [N,Hkv,D]) -> out, base-2 LSE).
-class _FakeBSRWrapper:
-    plans = 0
-
-    def __init__(self, workspace, backend="auto"):
-        assert workspace.dtype == torch.uint8
-        self.args = None
-
-    def plan(self, indptr, indices, M, N, R, C, num_qo_heads, num_kv_heads, head_dim, sm_scale=None,
-             q_data_type=None, o_data_type=None, **kw):
-        _FakeBSRWrapper.plans += 1
-        assert M % R == 0 and N % C == 0 and indptr.numel() == M // R + 1
-        self.args = (indptr.tolist(), indices.tolist(), M, N, R, C, num_qo_heads, num_kv_heads, sm_scale)
-
-    def run(self, q, k, v, return_lse=False):
-        indptr, indices, M, N, R, C, Hq, Hkv, scale = self.args
-        assert q.shape[0] == M and k.shape[0] == N and q.shape[1] == Hq and k.shape[1] == Hkv
-        allowed = torch.zeros(M, N, dtype=torch.bool)
-        for i in range(M // R):
-            for j in indices[indptr[i]:indptr[i + 1]]:
-                allowed[i * R:(i + 1) * R, j * C:(j + 1) * C] = True
-        rep = Hq // Hkv
-        kk, vv = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
-        s = torch.einsum("mhd,nhd->hmn", q.float(), kk) * scale
-        s = s.masked_fill(~allowed, float("-inf"))
-        lse = torch.logsumexp(s, -1)                       # [H, M], natural
-        out = torch.einsum("hmn,nhd->mhd", torch.softmax(s, -1), vv).to(q.dtype)
-        return (out, (lse / math.log(2)).t().contiguous()) if return_lse else out
-
-
-@pytest.fixture
-def fake_flashinfer(monkeypatch):
-    import types
-    mod = types.ModuleType("flashinfer")
-    mod.BlockSparseAttentionWrapper = _FakeBSRWrapper
-    monkeypatch.setitem(sys.modules, "flashinfer", mod)
-    _FakeBSRWrapper.plans = 0
-    yield mod
-    fb._workspaces.clear()
+# BlockSparseAttentionWrapper (tests/flashinfer_standin.py).
+from flashinfer_standin import FakeBSRWrapper as _FakeBSRWrapper, fake_flashinfer  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("B,H,Hkv,L", [(2, 4, 2, 5), (1, 2, 2, 0), (2, 2, 1, 0)])

@@ -1,0 +1,359 @@
+"""``lvsa doctor``: sample logs from lvsa's own output and in the published format, the
+geometry arithmetic, warm-up separation, JSON, exit codes, unreadable input, ``--env``."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from lvsa import devices
+from lvsa.cli import main
+from lvsa.doctor import UnreadableInput, check_environment, diagnose_text, parse_log
+from lvsa.doctor import fit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "data", "doctor")
+PUBLISHED = os.path.join(DATA, "published")
+
+# lvsa's own output (tests/data/doctor/make_logs.py) -> the problem ids and the notes expected
+OWN = {
+    "healthy-wan": ([], []),
+    "dense-by-design-wan": ([], ["dense-by-design"]),
+    "geometry-detect-wan": (["geometry-detect"], []),
+    "geometry-detect-hunyuan": (["geometry-detect"], []),
+    "no-t-lat-wan": (["no-t-lat"], []),
+    "reference-mismatch-hunyuan": (["reference-mismatch"], []),
+    "deprecated-schedule-wan": (["deprecated-schedule"], []),
+    "decode-oom-cogvideox": (["decode-oom"], []),
+    "container-export-wan": (["export-host-path"], []),
+    "no-lvsa-wan": ([], ["dense-baseline"]),
+    "silenced-fallbacks-wan": (["fallbacks-silenced"], []),
+    "window-below-latent-frame-wan": (["lvsa-warning"], []),
+}
+# hand-written, published format -> problems, notes
+HAND = {
+    "vllm-wan-sharded": (["wan-hook-missing"], []),
+    "vllm-backend-not-selected": (["vllm-backend-not-selected"], []),
+    "standalone-no-lvsa-lines": (["no-lvsa-lines"], []),
+    "vllm-warmup-then-sparse": ([], ["warmup-fallbacks"]),
+    "vllm-warmup-and-720p": (["geometry-detect"], ["warmup-fallbacks"]),
+    "no-t-lat": (["wan-hook-missing"], []),
+    "dense-at-reference": ([], ["dense-by-design"]),
+    "hunyuan-reference-21": (["reference-mismatch"], []),
+    "reference-21-no-model-name": (["reference-mismatch"], []),
+    "decode-oom-traceback": (["decode-oom"], []),
+    "oom-during-denoising": (["no-lvsa-lines", "oom-denoising"], []),
+    "docker-export-host-path": (["export-host-path"], ["dense-by-design"]),
+    "docker-export-bind-mount": ([], []),
+    "schedule-env": (["deprecated-schedule"], []),
+    "quality-metrics": ([], ["motion-quality"]),
+    "backend-error": (["fallback-backend-error"], []),
+    "slow-backend": (["slow-backend"], []),
+    # lvsa on the H200: tiny model in float32 (fast kernels refuse it), latent to /tmp in a container
+    "h200-tiny-wan-float32": (["export-host-path", "slow-backend"], []),
+    # the troubleshooting guide's own lines, "seq_len=…" included
+    "guide-lines": (["geometry-detect", "no-t-lat", "reference-mismatch"], []),
+}
+
+
+def _path(name):
+    p = os.path.join(DATA, name + ".log")
+    return p if os.path.exists(p) else os.path.join(PUBLISHED, name + ".log")
+
+
+def _doctor(*argv):
+    from io import StringIO
+    import contextlib
+
+    out, err = StringIO(), StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["doctor", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _diag(name):
+    with open(_path(name), "rb") as fh:
+        return diagnose_text(fh.read(), name)
+
+
+def test_every_sample_is_present():
+    names = {f[:-4] for f in os.listdir(DATA) if f.endswith(".log")}
+    assert names == set(OWN)
+    assert {f[:-4] for f in os.listdir(PUBLISHED) if f.endswith(".log")} == set(HAND)
+
+
+@pytest.mark.parametrize("name", sorted(OWN) + sorted(HAND))
+def test_sample_findings_and_exit_code(name):
+    problems, notes = {**OWN, **HAND}[name]
+    d = _diag(name)
+    assert sorted(f.id for f in d.problems) == sorted(problems)
+    assert sorted(f.id for f in d.findings if f.severity == "note") == sorted(notes)
+    rc, out, _ = _doctor(_path(name))
+    assert rc == (1 if problems else 0)
+    if problems:
+        for f in d.problems:
+            assert f"<{f.id}>" in out and f.fix and f.cause
+    else:
+        assert "clean bill" in out
+
+
+@pytest.mark.parametrize("name", sorted(OWN) + sorted(HAND))
+def test_evidence_quotes_the_numbered_lines(name):
+    with open(_path(name), encoding="utf-8", newline="") as fh:  # keep \r: progress bars redraw in place
+        lines = fh.read().split("\n")
+    for f in _diag(name).findings:
+        for n, text in f.evidence:
+            assert text and text in lines[n - 1], (f.id, n, text)
+
+
+def _fix(d, id_):
+    return "\n".join(next(f for f in d.findings if f.id == id_).fix)
+
+
+def test_geometry_arithmetic_from_lvsa_output():
+    # tiny-wan at 64x64 (P=16) with LVSA_PATCHES_PER_FRAME=1560: the summary's T_lat/P decide
+    d = _diag("geometry-detect-wan")
+    assert "export LVSA_PATCHES_PER_FRAME=16" in _fix(d, "geometry-detect")
+    assert "T=25 latent frames" in d.findings[0].cause
+    # HunyuanVideo joins text: 624 = 37 frames x 16 + 32 prompt tokens
+    d = _diag("geometry-detect-hunyuan")
+    cause = d.findings[0].cause
+    assert "T=37" in cause and "P=16" in cause and "32 text tokens" in cause
+    assert "export LVSA_PATCHES_PER_FRAME=16" in _fix(d, "geometry-detect")
+
+
+def test_geometry_arithmetic_published_lines():
+    # 147600 = 41 x 3600: 161 frames at 720x1280 (VAE 8, patch 2)
+    fx = _fix(_diag("vllm-warmup-and-720p"), "geometry-detect")
+    assert "export LVSA_PATCHES_PER_FRAME=3600" in fx
+    assert "LVSA_VIDEO_HEIGHT=720 LVSA_VIDEO_WIDTH=1280" in fx
+    # the guide's own line: 25740 is half of 33 x 1560 (Wan, sequence parallel 2)
+    d = _diag("vllm-wan-sharded")
+    assert "1/2 of T=33" in d.findings[0].cause and "51480" in d.findings[0].cause
+    assert "export LVSA_WAN_HOOK=1" in _fix(d, "wan-hook-missing")
+
+
+def test_fit_units_text_and_shards():
+    # Wan 2.2 TI2V-5B: 704x1280 with VAE spatial 16, patch 2 -> P=880, not a default factor pair
+    f = fit.fits(31 * 880, [1560], "wan")[0]
+    assert (f.T, f.P, f.height, f.width) == (31, 880, 704, 1280)
+    assert f.resolution_env() == ["LVSA_VIDEO_HEIGHT=704", "LVSA_VIDEO_WIDTH=1280",
+                                  "LVSA_VAE_SPATIAL_FACTOR=16", "LVSA_PATCH_SIZE=2"]
+    # CogVideoX joins 226 text tokens: 13 frames of 480x720 (P=1350)
+    f = fit.fits(13 * 1350 + 226, [1560], "cogvideox")[0]
+    assert (f.T, f.P, f.text) == (13, 1350, 226)
+    # HunyuanVideo 1.5 at 720x1280 (VAE 16, patch 1) with 180 valid prompt tokens
+    f = fit.fits(33 * 3600 + 180, [1560], "hunyuan")[0]
+    assert (f.T, f.P, f.text, f.height, f.width) == (33, 3600, 180, 720, 1280)
+    # a quarter of 41 x 1560 (Ulysses 4)
+    f = fit.fits(41 * 1560 // 4, [1560], "wan")[0]
+    assert (f.shard, f.T, f.P) == (4, 41, 1560)
+    # nothing common fits a prime: no invented answer
+    assert fit.fits(100003, [1560], "wan") == []
+
+
+def test_backend_refusals_get_their_own_fix():
+    d = _diag("h200-tiny-wan-float32")
+    fx = _fix(d, "slow-backend")
+    assert "--dtype bfloat16" in fx and "head size" in fx and "pip install" not in fx
+    assert "--output-latent outputs/tiny.pt" in _fix(d, "export-host-path")
+    assert "pip install 'lvsa-cuda[flashinfer]'" in _fix(_diag("slow-backend"), "slow-backend")
+
+
+def test_warmup_separated_by_sequence_length():
+    d = _diag("vllm-warmup-and-720p")
+    gen = next(f for f in d.findings if f.id == "geometry-detect")
+    warm = next(f for f in d.findings if f.id == "warmup-fallbacks")
+    assert [n for n, _ in gen.evidence] == [6] and [n for n, _ in warm.evidence] == [4]
+    assert d.facts["fallbacks"] == {"generation": 1, "warmup": 1}
+    # the same warm-up line alone, with a healthy generation after it: healthy
+    assert _diag("vllm-warmup-then-sparse").healthy
+
+
+def test_a_fallback_after_the_generation_is_not_warmup():
+    text = ("[LVSA] engaged (wan): T_lat=41 P=1560 seq_len=63960 kfi=3 W=3 |G|=15 -> SPARSE\n"
+            "[LVSA-FALLBACK] origin=forward_cuda reason=geometry_detect seq_len=1024 known_ppf=[1560]\n")
+    d = diagnose_text(text)
+    assert [f.id for f in d.problems] == ["geometry-detect"]
+
+
+def test_json_output():
+    rc, out, _ = _doctor(_path("reference-mismatch-hunyuan"), "--json")
+    assert rc == 1
+    d = json.loads(out)
+    assert d["healthy"] is False and d["facts"]["family"] == "hunyuan"
+    f = d["findings"][0]
+    assert f["id"] == "reference-mismatch" and f["severity"] == "problem"
+    assert "export LVSA_REFERENCE_LATENT_FRAMES=33   # HunyuanVideo 1.5" in f["fix"]
+    assert all(isinstance(e["line"], int) for e in f["evidence"])
+    rc, out, _ = _doctor(_path("healthy-wan"), "--json")
+    assert rc == 0 and json.loads(out) == {**json.loads(out), "healthy": True, "findings": []}
+
+
+def test_stdin(monkeypatch):
+    import io
+
+    with open(_path("no-t-lat-wan"), "rb") as fh:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(fh.read())))
+    rc, out, _ = _doctor("-")
+    assert rc == 1 and "<no-t-lat>" in out and "<stdin>" in out
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "empty"), (b"  \n\n \t\n", "empty"), (b"\x00\x01\x02binary\x00" * 20, "binary"),
+    (bytes(range(128, 256)) * 4, "does not decode as text"),
+    (b"hello world\nthis is a shopping list\nmilk\n", "nothing in these 3 lines looks like"),
+])
+def test_unreadable_input(tmp_path, data, words):
+    with pytest.raises(UnreadableInput, match=words):
+        parse_log(data, "x")
+    p = tmp_path / "x.log"
+    p.write_bytes(data)
+    rc, out, err = _doctor(str(p))
+    assert rc == 2 and words in err and out == ""
+
+
+def test_missing_file_and_no_argument(tmp_path):
+    rc, _, err = _doctor(str(tmp_path / "nope.log"))
+    assert rc == 2 and "cannot read" in err
+    rc, _, err = _doctor()
+    assert rc == 2 and "--env" in err
+
+
+def test_parser_fields_and_progress_redraws():
+    log = parse_log(b"denoising:  50%|#####     | 1/2 [00:00<00:00]\rdenoising: 100%|##########| 2/2 [00:01<00:00]"
+                    b"[LVSA-FALLBACK] origin=forward_cuda reason=backend_error seq_len=10 backend=triton "
+                    b"error='A: b c' -- falling back to the REFERENCE backend (set LVSA_WARN_FALLBACK=0 to silence)\n")
+    prog = log.of("progress")
+    assert len(prog) == 1 and (prog[0].get("n"), prog[0].get("total")) == (2, 2)
+    fb = log.first("fallback")
+    assert fb.lineno == 1 and fb.fields["error"] == "A: b c" and fb.fields["backend"] == "triton"
+    assert fb.text.startswith("[LVSA-FALLBACK]")
+
+
+# ------------------------------------------------------------ regenerated from lvsa
+_VOLATILE = [(re.compile(r"\d+\.\d+(s|GB|x)?\b"), r"<n>\1"), (re.compile(r"\b\d+MB\b"), "<n>MB")]
+_LVSA_KINDS = ("lvsa_line", "export", "decode_oom", "decode_hint", "container_warning", "generate_done",
+               "generate_summary")
+
+
+def _lvsa_lines(text: str):
+    out = []
+    for r in parse_log(text.encode(), "x").of(*_LVSA_KINDS):
+        s = r.text.strip()
+        for pat, rep in _VOLATILE:
+            s = pat.sub(rep, s)
+        out.append(s)
+    return out
+
+
+def test_committed_logs_are_what_lvsa_prints_now(tmp_path):
+    """Run make_logs.py again (one process, every scenario) and compare lvsa's lines."""
+    script = os.path.join(DATA, "make_logs.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    for k in [k for k in env if k.startswith("LVSA_") and k != "LVSA_CHECK"]:
+        env.pop(k)
+    r = subprocess.run([sys.executable, script, "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in OWN:
+        with open(_path(name), encoding="utf-8", newline="") as fh:
+            committed = fh.read()
+        fresh = (tmp_path / f"{name}.log").read_bytes().decode("utf-8")
+        assert _lvsa_lines(fresh) == _lvsa_lines(committed), name
+        assert [f.id for f in diagnose_text(fresh).findings] == [f.id for f in diagnose_text(committed).findings]
+
+
+# ------------------------------------------------------------------ --env
+def _env_ids(env, model=None, severity="problem"):
+    d = check_environment(env=env, model=model)
+    return sorted(f.id for f in d.findings if f.severity == severity), d
+
+
+def test_env_every_bad_value_reported():
+    ids, d = _env_ids({"LVSA_WINDOW_SIZE": "abc", "LVSA_SPARSITY_SCALE": "-1", "LVSA_CONFIG": "{bad"})
+    assert ids == ["env-invalid"] * 3
+    text = " ".join(f.cause for f in d.findings)
+    assert "LVSA_WINDOW_SIZE='abc'" in text and "LVSA_SPARSITY_SCALE='-1'" in text and "LVSA_CONFIG" in text
+
+
+def test_env_contradictions_and_typos():
+    ids, d = _env_ids({"LVSA_PATCHES_PER_FRAME": "1560", "LVSA_VIDEO_HEIGHT": "720", "LVSA_VIDEO_WIDTH": "1280"})
+    assert ids == ["env-contradiction"] and "P=3600" in d.problems[0].cause
+    ids, _ = _env_ids({"LVSA_VIDEO_HEIGHT": "720"})
+    assert ids == ["env-contradiction"]
+    ids, d = _env_ids({"LVSA_WINDOWSIZE": "16"})
+    assert ids == ["env-unknown"] and "LVSA_WINDOW_SIZE" in d.problems[0].cause
+    ids, _ = _env_ids({"LVSA_WINDOW_SIZE": "2"})
+    assert ids == ["env-contradiction"]
+    ids, _ = _env_ids({"LVSA_SCHEDULE_START": "0.5"})
+    assert ids == ["deprecated-schedule"]
+    notes, _ = _env_ids({"LVSA_AUTO_KEYFRAMES": "1", "LVSA_KEY_FRAME_INTERVAL": "16", "LVSA_WARN_FALLBACK": "0"},
+                        severity="note")
+    assert {"env-ignored", "env-fallbacks-hidden"} <= set(notes)
+
+
+def test_env_backend_declared_settings_are_parsed():
+    from lvsa import plugins
+
+    assert "LVSA_TRITON_CONFIG" in {st.env for st in plugins.declared_settings()}  # lvsa-cuda is installed
+    ids, d = _env_ids({"LVSA_TRITON_CONFIG": "garbage", "LVSA_JSONL_PATH": "/tmp/x.jsonl"})
+    assert ids == ["env-invalid"] and "LVSA_TRITON_CONFIG='garbage'" in d.problems[0].cause
+
+
+def test_env_reference_for_model():
+    assert _env_ids({"LVSA_REFERENCE_LATENT_FRAMES": "21"}, "hunyuan")[0] == ["reference-mismatch"]
+    assert _env_ids({"LVSA_REFERENCE_LATENT_FRAMES": "21"}, "wan")[0] == []
+    assert _env_ids({"LVSA_REFERENCE_LATENT_FRAMES": "21"}, "wan2.2-ti2v-5b")[0] == ["reference-mismatch"]
+    notes, _ = _env_ids({}, "cogvideox", severity="note")
+    assert "reference-unset" in notes
+
+
+def test_env_backends_use_lvsa_info_reasons():
+    from lvsa.commands.info import gather_info
+
+    info = gather_info()
+    ids, d = _env_ids({"LVSA_BACKEND": "triton"})
+    rows = {b["name"]: b for b in info["backends"]}
+    if rows.get("triton", {}).get("reasons"):
+        assert "backend-cannot-run" in ids
+        f = next(f for f in d.findings if f.id == "backend-cannot-run")
+        assert [e for _, e in f.evidence] == [f"triton: {r}" for r in rows["triton"]["reasons"]]
+    else:
+        assert "backend-cannot-run" not in ids
+    ids, _ = _env_ids({"LVSA_BACKEND": "nosuch"})
+    assert ids == ["backend-unknown"]
+
+
+def test_env_broken_torch_npu(monkeypatch):
+    broken = devices.NpuStatus(True, False, False, reason="torch_npu is installed but fails to import "
+                               "(ImportError: libhccl.so: cannot open shared object file)")
+    monkeypatch.setattr(devices, "npu_status", lambda *a, **k: broken)
+    ids, d = _env_ids({})
+    assert ids == ["torch-npu-broken"] and "libhccl.so" in d.problems[0].cause
+
+
+def test_env_cli_clean(monkeypatch):
+    for k in [k for k in os.environ if k.startswith("LVSA_")]:
+        monkeypatch.delenv(k)
+    rc, out, _ = _doctor("--env", "--json")
+    d = json.loads(out)
+    assert rc == (0 if d["healthy"] else 1) and d["source"] == "--env"
+    monkeypatch.setenv("LVSA_WINDOW_SIZE", "twelve")
+    rc, out, _ = _doctor("--env")
+    assert rc == 1 and "<env-invalid>" in out and "LVSA_WINDOW_SIZE" in out
+
+
+def test_a_failing_rule_does_not_hide_the_others(monkeypatch):
+    from lvsa.doctor import findings
+
+    def boom(self, log, ctx):
+        raise RuntimeError("rule bug")
+
+    monkeypatch.setattr(findings.MotionQuality, "check", boom)
+    d = _diag("no-t-lat-wan")
+    assert [f.id for f in d.problems] == ["no-t-lat"]
+    err = next(f for f in d.findings if f.id == "doctor-rule-error")
+    assert "motion-quality" in err.symptom and "rule bug" in err.cause
