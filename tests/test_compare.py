@@ -29,7 +29,7 @@ def test_compare_tiny_wan_dense_lvsa_riflex(cwd, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     d = cwd / "cmp"
-    assert sorted(os.listdir(d)) == ["compare.mp4", "metrics.png", "summary.json"]
+    assert sorted(os.listdir(d)) == ["compare.mp4", "latents.pt", "metrics.png", "summary.json"]
     assert "random weights" in err and "[LVSA] riflex k=1 period 6.3->27.8" in err
 
     # side by side: dense | lvsa | lvsa+riflex | diff, under a 12-pixel label band
@@ -60,6 +60,10 @@ def test_compare_tiny_wan_dense_lvsa_riflex(cwd, capsys, monkeypatch):
     # RIFLEx on top changes the latent further than the sparse attention alone
     assert (s["metrics_vs_dense"]["lvsa+riflex"]["latent"]["psnr_stats"]["mean"]
             < s["metrics_vs_dense"]["lvsa"]["latent"]["psnr_stats"]["mean"])
+    saved = torch.load(d / "latents.pt", weights_only=True)
+    assert list(saved["latents"]) == ["dense", "lvsa", "lvsa+riflex"]
+    assert list(saved["latents"]["dense"].shape) == [1, 16, 25, 4, 4]
+    assert not torch.equal(saved["latents"]["lvsa"], saved["latents"]["dense"])
     assert f"summary: {d / 'summary.json'}" in out and "lvsa+riflex  vs dense: video PSNR mean" in out
 
 
@@ -98,3 +102,20 @@ def test_bad_input_one_message_nothing_written(cwd, capsys, argv, message):
     assert main(["compare", *argv, "--output-dir", "cmp"]) == 2
     assert message in capsys.readouterr().err
     assert not (cwd / "cmp").exists()
+
+
+def test_a_failing_decode_keeps_every_denoised_latent(cwd, capsys, monkeypatch):
+    from lvsa.integrations import wan
+
+    def boom(self, pipe, latents, num_frames=None):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(wan.WanAdapter, "decode", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        main(["compare", "--height", "32", "--width", "32", "--steps", "1", "--num-frames", "9",
+              "--output-dir", "cmp"])
+    err = capsys.readouterr().err
+    assert f"latents of every run are kept in {cwd / 'cmp' / 'latents.pt'}" in err
+    saved = torch.load(cwd / "cmp" / "latents.pt", weights_only=True)
+    assert list(saved["latents"]) == ["dense", "lvsa"] and saved["num_frames"] == 9
+    assert sorted(os.listdir(cwd / "cmp")) == ["latents.pt"]

@@ -7,7 +7,8 @@ and with ``--riflex`` also lvsa + RIFLEx. Written to ``--output-dir``:
 * ``metrics.png``: per-frame PSNR and SSIM against the dense run, of the decoded videos
   and of the latents, with the training horizon marked;
 * ``summary.json``: settings, the engine summaries, the RIFLEx change, every per-frame value
-  and their mean/min.
+  and their mean/min;
+* ``latents.pt``: every run's denoised latent, saved before any decode (``torch.load``).
 
 PSNR and SSIM come from torchmetrics, the plot from matplotlib (``pip install
 'lvsa[compare]'``). On the built-in tiny models the numbers only show the machinery
@@ -280,6 +281,7 @@ def _compare(args) -> int:
     mp4_path = _gen.resolve_output_path(os.path.join(out_dir, "compare.mp4"), "--output-dir", ".mp4")
     png_path = os.path.join(out_dir, "metrics.png")
     json_path = os.path.join(out_dir, "summary.json")
+    latents_path = os.path.join(out_dir, "latents.pt")
     device, dtype = _gen._device_and_dtype(args, spec.tiny)
     if spec.tiny:
         _gen._note("compare", f"{spec.name} is a built-in tiny model with random weights: the videos are noise "
@@ -335,12 +337,21 @@ def _compare(args) -> int:
         summary = integrations.last_summary(pipe)
         info[name] = {"settings": run_settings, "denoise_s": round(t_denoise, 3), "lvsa": summary,
                       "riflex": None if summary is None else summary.get("riflex")}
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            videos[name] = adapter.decode(pipe, latent, num_frames=num_frames)
-        info[name]["decode_s"] = round(time.perf_counter() - t1, 3)
         latents[name] = latent
     integrations.disable(pipe)
+    # the denoised latents first (the costly part): a failing decode loses none of them
+    _gen.save_latent_atomic(latents_path, {"format": "lvsa-compare-latents/1", "latents": latents,
+                                           "num_frames": num_frames, "family": spec.family, "runs": info})
+    for name in latents:
+        t1 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                videos[name] = adapter.decode(pipe, latents[name], num_frames=num_frames)
+        except BaseException:
+            _gen._err("compare", f"the VAE decode of run {name} failed; the denoised latents of every run are "
+                                 f"kept in {latents_path} (torch.load; --vae-tiling uses less memory)")
+            raise
+        info[name]["decode_s"] = round(time.perf_counter() - t1, 3)
 
     # ---- metrics against the dense run
     frame_dim = 1 if spec.family == "cogvideox" else 2  # latents [B, F, C, H, W] vs [B, C, F, H, W]
@@ -364,7 +375,7 @@ def _compare(args) -> int:
         "height": height, "width": width, "steps": steps, "latent_shape": list(latents["dense"].shape),
         "latent_frames": T_lat, "reference_latent_frames": ref, "reference_video_frame": ref_video,
         "runs": info, "metrics_vs_dense": results,
-        "outputs": {"video": mp4_path, "plot": png_path, "summary": json_path},
+        "outputs": {"video": mp4_path, "plot": png_path, "summary": json_path, "latents": latents_path},
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
     _write_json_atomic(json_path, _json_safe(summary))
@@ -376,7 +387,8 @@ def _compare(args) -> int:
         lines.append(f"  {name:<12} vs dense: video PSNR mean {_fmt(v['psnr_stats']['mean'])} dB "
                      f"(min {_fmt(v['psnr_stats']['min'])}), SSIM mean {_fmt(v['ssim_stats']['mean'], 4)} "
                      f"(min {_fmt(v['ssim_stats']['min'], 4)}); latent PSNR mean {_fmt(lat['psnr_stats']['mean'])} dB")
-    lines += [f"  video:   {mp4_path}", f"  plot:    {png_path}", f"  summary: {json_path}"]
+    lines += [f"  video:   {mp4_path}", f"  plot:    {png_path}", f"  summary: {json_path}",
+              f"  latents: {latents_path}"]
     print("\n".join(lines), flush=True)
     return 0
 
