@@ -182,11 +182,86 @@ def collective_backend(kind: str) -> str:
 
 
 # ------------------------------------------------------- vendor tools (smi)
-def nvidia_inventory() -> dict:
+#: NVML clock-event ("throttle") reason bits, as nvml.h names them
+THROTTLE_REASONS = (
+    (0x1, "gpu_idle"), (0x2, "applications_clocks_setting"), (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"), (0x10, "sync_boost"), (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"), (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+)
+
+
+def throttle_names(mask) -> List[str]:
+    """Names of the set bits of an NVML clocks-event (throttle) reason mask."""
+    try:
+        mask = int(str(mask), 0) if not isinstance(mask, int) else mask
+    except ValueError:
+        return [str(mask)]
+    names = [n for bit, n in THROTTLE_REASONS if mask & bit]
+    rest = mask & ~sum(bit for bit, _ in THROTTLE_REASONS)
+    return names + ([hex(rest)] if rest else [])
+
+
+def _nvml_gpu(pynvml, i: int, detail: bool) -> dict:
+    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+    mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+    name = pynvml.nvmlDeviceGetName(h)
+    g = {"index": i, "name": name.decode() if isinstance(name, bytes) else name,
+         "memory_used_mib": mem.used // 2**20, "memory_total_mib": mem.total // 2**20}
+    if not detail:
+        return g
+    missing = []
+
+    def read(key, fn, scale=1.0):
+        try:
+            v = fn()
+            g[key] = v * scale if scale != 1.0 else v
+        except Exception as e:  # noqa: BLE001 - one unsupported query is a note, not a failure
+            missing.append(f"{key} ({type(e).__name__})")
+
+    read("power_w", lambda: pynvml.nvmlDeviceGetPowerUsage(h), 1e-3)
+    read("power_limit_w", lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(h), 1e-3)
+    read("sm_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM))
+    read("sm_clock_max_mhz", lambda: pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM))
+    read("memory_clock_mhz", lambda: pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM))
+    read("temperature_c", lambda: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
+    read("utilization_pct", lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+    reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+        getattr(pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons")
+    read("throttle_mask", lambda: int(reasons(h)))
+    if "throttle_mask" in g:
+        g["throttle_reasons"] = throttle_names(g["throttle_mask"])
+    if missing:
+        g["missing"] = missing
+    return g
+
+
+#: nvidia-smi fields of the detailed query, and the keys they fill
+_SMI_DETAIL = (("power.draw", "power_w", float), ("power.limit", "power_limit_w", float),
+               ("clocks.sm", "sm_clock_mhz", int), ("clocks.max.sm", "sm_clock_max_mhz", int),
+               ("clocks.mem", "memory_clock_mhz", int), ("temperature.gpu", "temperature_c", int),
+               ("utilization.gpu", "utilization_pct", int),
+               ("clocks_throttle_reasons.active", "throttle_mask", str))
+
+
+def _smi_value(raw: str, conv):
+    raw = raw.strip()
+    if raw in ("", "[N/A]", "N/A", "[Not Supported]", "[Unknown Error]"):
+        return None
+    try:
+        return conv(float(raw)) if conv is int else conv(raw)
+    except ValueError:
+        return None
+
+
+def nvidia_inventory(detail: bool = False) -> dict:
     """Per-GPU name, driver and memory from NVML (nvidia-ml-py), else ``nvidia-smi``.
 
     Returns ``{"source": "nvml"|"nvidia-smi", "driver": str, "gpus": [...]}`` or
-    ``{"source": None, "reason": "..."}``; never raises.
+    ``{"source": None, "reason": "..."}``; never raises. With ``detail`` every GPU also
+    carries power (W) and its limit, SM and memory clocks (MHz), temperature, utilization
+    and the active throttle reasons (``throttle_mask``, ``throttle_reasons``); a field
+    the driver does not answer is listed under ``missing``.
     """
     try:
         import pynvml  # provided by nvidia-ml-py
@@ -194,13 +269,7 @@ def nvidia_inventory() -> dict:
         pynvml.nvmlInit()
         try:
             drv = pynvml.nvmlSystemGetDriverVersion()
-            gpus = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                name = pynvml.nvmlDeviceGetName(h)
-                gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else name,
-                             "memory_used_mib": mem.used // 2**20, "memory_total_mib": mem.total // 2**20})
+            gpus = [_nvml_gpu(pynvml, i, detail) for i in range(pynvml.nvmlDeviceGetCount())]
             return {"source": "nvml", "driver": drv.decode() if isinstance(drv, bytes) else drv, "gpus": gpus}
         finally:
             pynvml.nvmlShutdown()
@@ -212,9 +281,23 @@ def nvidia_inventory() -> dict:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {"source": None, "reason": f"{nvml_reason}; nvidia-smi not found"}
+    base = ["index", "name", "driver_version", "memory.used", "memory.total"]
+
+    def run(fields):
+        return subprocess.run([exe, "--query-gpu=" + ",".join(fields), "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
+
+    extra, note = [], None
     try:
-        out = subprocess.run([exe, "--query-gpu=index,name,driver_version,memory.used,memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        out = None
+        if detail:
+            extra = list(_SMI_DETAIL)
+            out = run(base + [f for f, _, _ in extra])
+            if out.returncode != 0:  # an older driver that lacks a field: the basic query
+                note = f"detailed nvidia-smi query failed ({out.stderr.strip()[:120] or out.returncode})"
+                extra, out = [], None
+        if out is None:
+            out = run(base)
     except Exception as e:  # noqa: BLE001
         return {"source": None, "reason": f"{nvml_reason}; nvidia-smi failed: {e}"}
     if out.returncode != 0:
@@ -223,9 +306,37 @@ def nvidia_inventory() -> dict:
     gpus, driver = [], ""
     for line in out.stdout.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 5:
+        if len(parts) != len(base) + len(extra):
             continue
-        idx, name, driver, used, total = parts
-        gpus.append({"index": int(idx), "name": name, "memory_used_mib": int(float(used)),
-                     "memory_total_mib": int(float(total))})
-    return {"source": "nvidia-smi", "driver": driver, "gpus": gpus}
+        idx, name, driver, used, total = parts[:5]
+        g = {"index": int(idx), "name": name, "memory_used_mib": int(float(used)),
+             "memory_total_mib": int(float(total))}
+        for (field, key, conv), raw in zip(extra, parts[5:]):
+            val = _smi_value(raw, conv)
+            if val is None:
+                g.setdefault("missing", []).append(f"{key} ({field}: {raw})")
+            else:
+                g[key] = val
+        if "throttle_mask" in g:
+            g["throttle_reasons"] = throttle_names(g["throttle_mask"])
+        if detail and note:
+            g["missing"] = [note]
+        gpus.append(g)
+    res = {"source": "nvidia-smi", "driver": driver, "gpus": gpus}
+    if detail:
+        res["nvml_reason"] = nvml_reason
+    return res
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``, else :func:`platform.processor`)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -80,7 +80,7 @@ def test_info_text(capsys):
     assert rc == 0 and "auto selects: reference" in out and "LVSA_MASK_LOG" in out and "wan2.2-ti2v-5b" in out
 
 
-@pytest.mark.parametrize("cmd", ["plan", "info", "generate", "decode"])
+@pytest.mark.parametrize("cmd", ["plan", "info", "generate", "decode", "bench"])
 def test_every_subcommand_has_help(cmd):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")

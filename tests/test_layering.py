@@ -23,9 +23,9 @@ LAYERS = {
     "integrations": ["lvsa.integrations", "lvsa.integrations.base", "lvsa.integrations.wan",
                      "lvsa.integrations.hunyuan", "lvsa.integrations.cogvideox",
                      "lvsa.integrations.registry", "lvsa.tiny"],
-    # a package name covers its submodules (lvsa.commands.*, lvsa.doctor.*, ...)
+    # a package name covers its submodules (lvsa.commands.*, lvsa.doctor.*, lvsa.bench.*, ...)
     "commands": ["lvsa.cli", "lvsa.__main__", "lvsa.commands", "lvsa.generate", "lvsa.testing",
-                 "lvsa.doctor"],
+                 "lvsa.doctor", "lvsa.bench"],
 }
 ORDER = ["data", "mechanisms", "runtime", "integrations", "commands"]
 

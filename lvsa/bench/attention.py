@@ -1,0 +1,531 @@
+"""``lvsa bench attention``: one attention call per backend, dense SDPA as the baseline.
+
+For each shape (Wan 1.3B T_lat 21/41/81/121, Wan 14B 81, HunyuanVideo 1.5 49/65 with and
+without 256 text tokens, batch 1 and 2; ``--quick``: tiny shapes that run on a CPU), in one
+process: dense SDPA (on CUDA the cuDNN and FlashAttention-2 kernels, each forced), then
+every lvsa backend that can run the problem (``reference``, ``flashinfer``, ``triton``,
+``flex``, ``ascend`` …). Each sparse output is checked against the reference (relative
+Frobenius error); the cold start (first call, compilation included), the effective
+TFLOP/s (attended blocks only) and, on CUDA, the attention memory beyond q, k, v and the
+output are recorded. ``ideal`` = best dense time x density (density counts text keys).
+
+Results: ``<out>/attention-<device>[-tag]-<stamp>.{json,md,png}``, written after every
+shape, so an interrupted run keeps what it measured. Times: median of ``--repeats``
+timed calls after ``--warmup`` calls (device events on CUDA, wall clock elsewhere).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import common
+
+P_DEFAULT = 1560
+D_DEFAULT = 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    model: str
+    heads: int
+    T: int
+    reference: int
+    text: int = 0
+    batch: int = 1
+    P: int = P_DEFAULT
+    D: int = D_DEFAULT
+    kv_heads: int = 0  # 0 = heads
+
+    @property
+    def S(self):
+        return self.T * self.P
+
+
+SHAPES = [
+    Shape("wan1.3b-t21", "Wan 1.3B", 12, 21, 21),
+    Shape("wan1.3b-t41", "Wan 1.3B", 12, 41, 21),
+    Shape("wan1.3b-t81", "Wan 1.3B", 12, 81, 21),
+    Shape("wan1.3b-t121", "Wan 1.3B", 12, 121, 21),
+    Shape("wan14b-t81", "Wan 14B", 40, 81, 21),
+    Shape("hy-t49", "HunyuanVideo 1.5", 16, 49, 33),
+    Shape("hy-t65", "HunyuanVideo 1.5", 16, 65, 33),
+    Shape("hy-t49-text", "HunyuanVideo 1.5", 16, 49, 33, text=256),
+    Shape("hy-t65-text", "HunyuanVideo 1.5", 16, 65, 33, text=256),
+    Shape("wan1.3b-t81-b2", "Wan 1.3B", 12, 81, 21, batch=2),
+    Shape("hy-t65-text-b2", "HunyuanVideo 1.5", 16, 65, 33, text=256, batch=2),
+    Shape("wan1.3b-t121-b2", "Wan 1.3B", 12, 121, 21, batch=2),
+]
+SHAPE_BY_NAME = {s.name: s for s in SHAPES}
+SPARSE = ("flex", "reference", "flashinfer", "triton")
+
+
+# tiny shapes for --quick (CPU): above the horizon so the masks are sparse
+QUICK_SHAPES = [
+    Shape("quick-wan-t41", "tiny Wan", 2, 41, 21, P=24, D=32),
+    Shape("quick-hy-t49-text", "tiny HunyuanVideo", 2, 49, 33, text=8, P=16, D=32),
+    Shape("quick-wan-t41-b2", "tiny Wan", 2, 41, 21, batch=2, P=24, D=32),
+]
+SHAPE_BY_NAME.update({s.name: s for s in QUICK_SHAPES})
+
+
+def add_arguments(p) -> None:
+    a = p.add_argument_group("attention")
+    a.add_argument("--shapes", nargs="*", help=f"shape names (default: all; --quick: the quick-* ones): "
+                                               f"{', '.join(SHAPE_BY_NAME)}")
+    a.add_argument("--dense", nargs="*", default=["cudnn", "fa2"],
+                   help="dense SDPA kernels on CUDA (elsewhere: the default SDPA)")
+    a.add_argument("--flex-shapes", nargs="*", default=["all"],
+                   help="shapes on which to run flex (each new shape compiles)")
+    a.add_argument("--sweep-triton", nargs="*", default=[],
+                   help="triton configs BLOCK_M,BLOCK_N,warps,stages to time side by side")
+    a.add_argument("--triton-extra", nargs="*", default=[],
+                   help="configs timed in addition to the default triton run")
+    a.add_argument("--repeat-time", action="store_true", help="time twice (spread check)")
+    a.add_argument("--budget-s", type=float, default=0, help="stop starting shapes after this many seconds")
+    a.add_argument("--selfcheck", action="store_true",
+                   help="CUDA: first check small ragged problems (GQA, text, fp16, head_dim 64) vs float32")
+
+
+# ---------------------------------------------------------------------- timing
+def device_time_ms(fn, device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls after ``warmup`` (events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            common.synchronize(device)
+            t = time.perf_counter()
+            fn()
+            common.synchronize(device)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def rel_err(out, ref) -> float:
+    o = out.float()
+    r = ref.float()
+    if not torch.isfinite(o).all():
+        return float("nan")
+    return ((o - r).norm() / r.norm()).item()
+
+
+def memory_probe(fn, out_bytes: int, device) -> Optional[int]:
+    """Bytes allocated during one call beyond its returned output (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return max(0, peak - base - out_bytes)
+
+
+def _reasons(bk, problem) -> List[str]:
+    check = getattr(bk, "not_supported_reasons", None) or bk.supports
+    return list(check(problem))
+
+
+# --------------------------------------------------------------------- running
+def load_backends(names):
+    """Backends through the lvsa registry (entry points), so the benchmark also proves
+    the distributions register themselves."""
+    from .. import plugins
+
+    reg = plugins.backends()
+    found = {n: reg[n] for n in names if n in reg}
+    missing = [n for n in names if n not in reg]
+    print(f"[bench] registered backends: {sorted(reg)}; using {sorted(found)}"
+          + (f"; not installed: {missing}" if missing else ""), file=sys.stderr)
+    return found
+
+
+def make_inputs(s: Shape, dtype, device, seed=0):
+    g = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    hkv = s.kv_heads or s.heads
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=device if device.type == "cuda" else "cpu", dtype=dtype,
+                           generator=g).to(device)
+
+    q = rnd(s.batch, s.S, s.heads, s.D)
+    k = rnd(s.batch, s.S, hkv, s.D)
+    v = rnd(s.batch, s.S, hkv, s.D)
+    tk = tv = None
+    if s.text:
+        tk = rnd(s.batch, s.text, hkv, s.D)
+        tv = rnd(s.batch, s.text, hkv, s.D)
+    return q, k, v, tk, tv
+
+
+def dense_fn(kind, q, k, v, tk, tv):
+    import torch.nn.functional as F
+
+    if tk is not None:
+        k = torch.cat([k, tk], 1)
+        v = torch.cat([v, tv], 1)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = kt.shape[1] != qt.shape[1]
+    if kind == "sdpa":
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}[kind]
+
+    def fn():
+        with sdpa_kernel(which):
+            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+
+    return fn
+
+
+def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
+    from ..backend import Problem
+    from ..schedule import plan_schedule
+
+    mask = plan_schedule(s.T, W=3, n=1, reference=s.reference).mask(0)
+    nnz = mask.nnz()
+    density_video = nnz / s.T ** 2
+    keys_attended = nnz * s.P * s.P + s.S * s.text  # per (batch, head)
+    density = keys_attended / (s.S * (s.S + s.text))
+    flops = 4.0 * keys_attended * s.D * s.heads * s.batch
+    q, k, v, tk, tv = make_inputs(s, dtype, device)
+    qkvo = 4 * q.numel() * q.element_size()
+    out_bytes = q.numel() * q.element_size()
+    rec = {"shape": s.name, "model": s.model, "heads": s.heads, "kv_heads": s.kv_heads or s.heads,
+           "T": s.T, "P": s.P, "D": s.D, "text": s.text, "batch": s.batch,
+           "kfi": mask.key_frame_interval, "density_video": density_video,
+           "density": density, "qkvo_bytes": qkvo, "results": {}}
+    R = rec["results"]
+
+    def log(name, r):
+        extra = ""
+        if "rel_err" in r:
+            extra += f" err={r['rel_err']:.2e}"
+        if "cold_s" in r:
+            extra += f" cold={r['cold_s']:.2f}s"
+        if r.get("extra_mem_frac") is not None:
+            extra += f" mem+={100 * r['extra_mem_frac']:.2f}%"
+        ms = r.get("ms")
+        print(f"  {s.name:18s} {name:22s} " + (f"{ms:9.2f} ms" if ms else r.get("error", "")) + extra,
+              file=sys.stderr, flush=True)
+
+    kinds = [k_ for k_ in args.dense if k_ in ("cudnn", "fa2")] if device.type == "cuda" else ["sdpa"]
+    for kind in kinds:
+        try:
+            fn = dense_fn(kind, q, k, v, tk, tv)
+            ms = device_time_ms(fn, device, args.warmup, args.repeats)
+            R[f"dense_{kind}"] = {"ms": ms, "tflops": 4.0 * s.S * (s.S + s.text) * s.D * s.heads
+                                  * s.batch / ms / 1e9}
+        except Exception as e:  # noqa: BLE001
+            R[f"dense_{kind}"] = {"error": "OOM" if common.is_oom(e) else f"{type(e).__name__}: {e}"[:300]}
+        log(f"dense_{kind}", R[f"dense_{kind}"])
+        common.free_memory(device)
+
+    problem = Problem.from_tensors(q, k, mask, tk)
+    ref = None
+    order = ["reference"] + [n for n in backends if n != "reference"]
+    for name in [n for n in order if n in backends]:
+        if name == "flex" and s.name not in args.flex_shapes and "all" not in args.flex_shapes:
+            continue
+        bk = backends[name]
+        reasons = _reasons(bk, problem)
+        if reasons:
+            R[name] = {"error": "refused: " + "; ".join(reasons)}
+            log(name, R[name])
+            continue
+        configs = [None]
+        if name == "triton" and triton_configs:
+            configs = triton_configs if args.sweep_triton else [None] + triton_configs
+        for cfg in configs:
+            key = name if cfg is None else f"triton[{','.join(map(str, cfg))}]"
+            r: Dict[str, Any] = {}
+            try:
+                if cfg is not None:
+                    os.environ["LVSA_TRITON_CONFIG"] = ",".join(map(str, cfg))
+                common.synchronize(device)
+                a0 = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+                t0 = time.perf_counter()
+                handle = bk.plan(mask, problem)
+                out = bk.run(handle, q, k, v, tk, tv, None)
+                common.synchronize(device)
+                r["cold_s"] = time.perf_counter() - t0
+                if device.type == "cuda":
+                    r["persistent_bytes"] = max(0, torch.cuda.memory_allocated() - a0 - out_bytes)
+                if name == "reference":
+                    ref = out
+                    r["rel_err"] = 0.0
+                else:
+                    if ref is not None:
+                        r["rel_err"] = rel_err(out, ref)
+                    del out
+                t1 = time.perf_counter()
+                handle = bk.plan(mask, problem)
+                r["plan_warm_ms"] = (time.perf_counter() - t1) * 1e3
+
+                def fn():
+                    return bk.run(handle, q, k, v, tk, tv, None)
+
+                r["ms"] = device_time_ms(fn, device, args.warmup, args.repeats)
+                if args.repeat_time:
+                    r["ms_repeat"] = device_time_ms(fn, device, 0, args.repeats)
+                r["tflops_eff"] = flops / r["ms"] / 1e9
+                r["extra_bytes"] = memory_probe(fn, out_bytes, device)
+                r["extra_mem_frac"] = None if r["extra_bytes"] is None else r["extra_bytes"] / qkvo
+            except Exception as e:  # noqa: BLE001
+                r["error"] = "OOM" if common.is_oom(e) else f"{type(e).__name__}: {e}"[:400]
+            finally:
+                if cfg is not None:
+                    os.environ.pop("LVSA_TRITON_CONFIG", None)
+            R[key] = r
+            log(key, r)
+        common.free_memory(device)
+    del ref
+    dense = [R[k_]["ms"] for k_ in R if k_.startswith("dense_") and R[k_].get("ms")]
+    if dense:
+        rec["ideal_ms"] = min(dense) * density
+    return rec
+
+
+def selfcheck(backends) -> list:  # CUDA only
+    """Small ragged problems (P not a multiple of the tiles, GQA, text, batch 2, both
+    dtypes and head dims) against the reference computed in float32 on the GPU.
+    FlashInfer is checked in bf16 / head_dim 128 only (each other combination is another
+    ~90 s JIT build)."""
+    rows = []
+    cases = [  # T, P, H, Hkv, D, B, L, dtype, W, reference
+        (9, 33, 4, 2, 64, 2, 20, torch.float16, 1, 4),
+        (9, 33, 4, 4, 128, 1, 0, torch.bfloat16, 1, 4),
+        (12, 200, 8, 2, 128, 2, 77, torch.bfloat16, 2, 5),
+        (7, 1560, 4, 4, 128, 1, 256, torch.bfloat16, 1, 3),
+        (41, 130, 6, 3, 64, 2, 0, torch.bfloat16, 3, 21),
+        (33, 96, 4, 1, 128, 1, 0, torch.float16, 3, 21),
+    ]
+    from ..backend import Problem
+    from ..schedule import plan_schedule
+
+    ref = backends["reference"]
+    for (T, P, H, Hkv, D, B, L, dt, W, refT) in cases:
+        mask = plan_schedule(T, W=W, n=1, reference=refT).mask(1)
+        g = torch.Generator(device="cuda").manual_seed(T * P)
+        mk = lambda *sh: torch.randn(*sh, device="cuda", dtype=dt, generator=g)  # noqa: E731
+        q, k, v = mk(B, T * P, H, D), mk(B, T * P, Hkv, D), mk(B, T * P, Hkv, D)
+        tk, tv = (mk(B, L, Hkv, D), mk(B, L, Hkv, D)) if L else (None, None)
+        f32 = [None if t is None else t.float() for t in (q, k, v, tk, tv)]
+        expect = ref.run(ref.plan(mask, None), *f32, None)
+        problem = Problem.from_tensors(q, k, mask, tk)
+        for name in ("triton", "flashinfer", "flex"):
+            if name not in backends:
+                continue
+            if name == "flashinfer" and (dt != torch.bfloat16 or D != 128):
+                continue
+            bk = backends[name]
+            why = _reasons(bk, problem)
+            if why:
+                rows.append((name, T, P, H, Hkv, D, B, L, str(dt), "refused: " + "; ".join(why)))
+                continue
+            try:
+                out = torch.full_like(q, float("nan"))
+                out = bk.run(bk.plan(mask, problem), q, k, v, tk, tv, None)
+                e = rel_err(out, expect)
+                rows.append((name, T, P, H, Hkv, D, B, L, str(dt), f"{e:.2e}" + (" OK" if e < 1e-2 else " FAIL")))
+            except Exception as ex:  # noqa: BLE001
+                rows.append((name, T, P, H, Hkv, D, B, L, str(dt), f"{type(ex).__name__}: {ex}"[:200]))
+            print("  selfcheck", rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def summarize(rec):
+    R = rec["results"]
+
+    def ms(n):
+        return R.get(n, {}).get("ms")
+
+    out = {}
+    fi, tr, fx, ideal = ms("flashinfer"), ms("triton"), ms("flex"), rec.get("ideal_ms")
+    if fi and ideal:
+        out["flashinfer_vs_ideal"] = ideal / fi
+    if tr and ideal:
+        out["triton_vs_ideal"] = ideal / tr
+    if tr and fi:
+        out["triton_speed_vs_flashinfer"] = fi / tr
+    if fx and fi:
+        out["flashinfer_speedup_vs_flex"] = fx / fi
+    if fx and tr:
+        out["triton_speedup_vs_flex"] = fx / tr
+    rec["ratios"] = out
+    return out
+
+
+def markdown(meta, records) -> str:
+    dev = common.describe_device(meta["device_before"])
+    v = meta["versions"]
+    lines = [
+        f"# lvsa attention benchmark — {dev}",
+        "",
+        f"- date: {meta['date']}; command: `{meta['command']}`",
+        f"- torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, flashinfer {v['flashinfer']}; "
+        f"{meta['dtype']}; mask W=3 n=1 offset 0; median of {meta['repeats']} timed calls after "
+        f"{meta['warmup']} warm-ups. ideal = best dense x density (density counts text keys). "
+        "err = relative Frobenius error vs `reference`. The `cuDNN`/`FA2` columns hold the default "
+        "SDPA kernel on devices other than CUDA.",
+        "",
+        "| shape | B | text | density | cuDNN ms | FA2 ms | flex ms | reference ms | flashinfer ms "
+        "| triton ms | ideal ms | FI/ideal | triton/FI speed | FI vs flex | triton vs flex "
+        "| err FI / triton / flex | mem+ FI / triton |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ms(R, n):
+        v = R.get(n, {}).get("ms")
+        e = R.get(n, {}).get("error", "")
+        return f"{v:.1f}" if v else ("OOM" if e == "OOM" else "n/a" if e.startswith("refused") else "err" if e else "—")
+
+    def fmt(x, p=2):
+        return f"{x:.{p}f}" if x is not None else "—"
+
+    for rec in records:
+        R, r = rec["results"], rec.get("ratios", {})
+        if "dense_sdpa" in R:
+            R = dict(R, dense_cudnn=R["dense_sdpa"])
+        errs = " / ".join(f"{R[n]['rel_err']:.1e}" if "rel_err" in R.get(n, {}) else "—"
+                          for n in ("flashinfer", "triton", "flex"))
+        mem = " / ".join(f"{100 * R[n]['extra_mem_frac']:.2f}%" if R.get(n, {}).get("extra_mem_frac") is not None
+                         else "—" for n in ("flashinfer", "triton"))
+        lines.append(
+            f"| {rec['shape']} (H={rec['heads']}, T={rec['T']}) | {rec['batch']} | {rec['text']} "
+            f"| {rec['density']:.3f} | {ms(R, 'dense_cudnn')} | {ms(R, 'dense_fa2')} | {ms(R, 'flex')} "
+            f"| {ms(R, 'reference')} | {ms(R, 'flashinfer')} | {ms(R, 'triton')} "
+            f"| {fmt(rec.get('ideal_ms'), 1)} | {fmt(r.get('flashinfer_vs_ideal'))} "
+            f"| {fmt(r.get('triton_speed_vs_flashinfer'))} | {fmt(r.get('flashinfer_speedup_vs_flex'))}x "
+            f"| {fmt(r.get('triton_speedup_vs_flex'))}x | {errs} | {mem} |")
+    lines += ["", "Effective TFLOP/s (attended blocks only) and cold starts:", "",
+              "| shape | backend | ms | eff. TFLOP/s | cold start s | plan (warm) ms | persistent MiB |",
+              "|---|---|---|---|---|---|---|"]
+    for rec in records:
+        for n, r in rec["results"].items():
+            if n.startswith("dense") or "ms" not in r:
+                continue
+            lines.append(f"| {rec['shape']} | {n} | {r['ms']:.3f} | {r.get('tflops_eff', 0):.3g} "
+                         f"| {r.get('cold_s', 0):.2f} | {r.get('plan_warm_ms', 0):.2f} "
+                         f"| {(r.get('persistent_bytes') or 0) / 2**20:.1f} |")
+    if meta.get("skipped"):
+        lines += ["", "Skipped (time budget): " + ", ".join(meta["skipped"]) + "."]
+    if meta["device_before"].get("notes"):
+        lines += ["", "Device record notes: " + "; ".join(meta["device_before"]["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(base: str, records) -> List[str]:
+    """``<base>-time.png``: milliseconds per shape for dense and every backend."""
+    plt = common.pyplot()
+    names = list(dict.fromkeys(n for r in records for n in r["results"] if r["results"][n].get("ms")))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(records)), 4))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        xs = [j + i * width for j, r in enumerate(records) if r["results"].get(n, {}).get("ms")]
+        ys = [r["results"][n]["ms"] for r in records if r["results"].get(n, {}).get("ms")]
+        ax.bar(xs, ys, width, label=n)
+    ideal = [(j + 0.4 - width / 2, r["ideal_ms"]) for j, r in enumerate(records) if r.get("ideal_ms")]
+    ax.scatter([x for x, _ in ideal], [y for _, y in ideal], marker="_", s=400, color="black", label="ideal")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(records))])
+    ax.set_xticklabels([r["shape"] for r in records], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("ms per attention call")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = base + "-time.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def compare_entries(data) -> Dict[tuple, Any]:
+    return {(rec["shape"], n): (r.get("ms") or r.get("error")) for rec in data["records"]
+            for n, r in rec["results"].items()}
+
+
+def main(args) -> int:
+    """Run ``lvsa bench attention`` (``args`` from :mod:`lvsa.commands.bench`)."""
+    from .. import devices
+
+    if args.device and args.device.startswith("npu"):
+        devices.npu_status()  # imports torch_npu, which registers the "npu" device type
+    device = torch.device(args.device) if args.device else devices.default_device()
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    shapes = args.shapes or [s.name for s in (QUICK_SHAPES if args.quick else SHAPES)]
+    unknown = [n for n in shapes if n not in SHAPE_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPE_BY_NAME)}")
+    if args.quick:
+        args.warmup, args.repeats = min(args.warmup, 1), min(args.repeats, 2)
+    old = common.load_results(args.compare) if args.compare else None
+    triton_configs = []
+    if args.sweep_triton or args.triton_extra:
+        from lvsa_cuda.triton_backend import parse_config
+
+        triton_configs = [parse_config(c) for c in (args.sweep_triton or args.triton_extra)]
+    t_start = time.perf_counter()
+    meta = common.run_meta("lvsa bench attention", args.argv, device)
+    meta.update(dtype=str(dtype).replace("torch.", ""), warmup=args.warmup, repeats=args.repeats, skipped=[])
+    from .. import plugins
+
+    backends = load_backends(args.backends or sorted(plugins.backends()))
+    base = common.out_base(args.out, "attention", meta["device_before"], args.tag)
+    records = []
+    if args.selfcheck:
+        if device.type == "cuda" and "reference" in backends:
+            meta["selfcheck"] = selfcheck(backends)
+        else:
+            meta["selfcheck"] = "skipped: needs CUDA"
+    bar = common.Progress(len(shapes), "bench attention", enabled=not args.no_progress)
+    try:
+        for name in shapes:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                meta["skipped"].append(name)
+                bar.update()
+                continue
+            s = SHAPE_BY_NAME[name]
+            bar.set(name)
+            t0 = time.perf_counter()
+            try:
+                rec = bench_shape(s, backends, args, triton_configs, device, dtype)
+            except Exception as e:  # noqa: BLE001 - the inputs themselves did not fit
+                rec = {"shape": s.name, "model": s.model, "T": s.T, "batch": s.batch, "text": s.text,
+                       "heads": s.heads, "density": float("nan"),
+                       "results": {"inputs": {"error": "OOM" if common.is_oom(e) else f"{type(e).__name__}: {e}"}}}
+            summarize(rec)
+            rec["wall_s"] = time.perf_counter() - t0
+            print(f"  -> {s.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec["ratios"].items())
+                  + f" ({rec['wall_s']:.0f}s)", file=sys.stderr, flush=True)
+            records.append(rec)
+            meta["total_s"] = time.perf_counter() - t_start
+            common.save(base, meta, records, markdown)
+            common.free_memory(device)
+            bar.update()
+    finally:
+        bar.close()
+    meta["device_after"] = common.device_state(device)
+    common.finish(base, meta, records, markdown, plot, old, compare_entries)
+    return 0
+
+
