@@ -9,7 +9,7 @@ from .mask import BlockMask
 
 
 def attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale: Optional[float] = None,
-              backend: Optional[str] = None, config: Optional[Config] = None):
+              backend: Optional[str] = None, config: Optional[Config] = None, q_rows=None):
     """Exact block-sparse attention of video queries over the frames ``mask`` allows.
 
     Parameters
@@ -27,18 +27,25 @@ def attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale: Optiona
     backend : str, optional
         A backend name (strict: refusal raises) or ``None`` for the precedence
         argument → :func:`lvsa.use_backend` → ``LVSA_BACKEND`` → auto.
+    q_rows : tuple of int, optional
+        ``(lo, hi)``: ``q`` is ``[B, hi - lo, H, D]``, the query rows ``[lo, hi)`` of the
+        sequence, computed against all of ``k``/``v`` with the same ``mask`` (sequence
+        parallelism: the result equals rows ``[lo, hi)`` of the full call). Any range;
+        frames may be cut. Backends declare it with ``supports_q_rows``.
 
     Returns
     -------
     torch.Tensor
-        ``[B, S, H, D]`` in ``q``'s dtype.
+        ``[B, S, H, D]`` (``[B, hi - lo, H, D]`` with ``q_rows``) in ``q``'s dtype.
     """
     if not isinstance(mask, BlockMask):
         raise LVSAInputError(
             f"mask must be a lvsa.BlockMask, got {type(mask).__name__}: plan one with "
             "lvsa.plan_schedule(T, W, n, reference).mask_for_step(step) (or lvsa.dense_mask(T))")
-    from .dispatch import run_attention  # lazy: pluggy loads on the first call, not on import
+    from .dispatch import check_environment, run_attention  # lazy: pluggy loads on first use
+
+    check_environment()
 
     out, _, _ = run_attention(q, k, v, mask, text_k, text_v, scale, backend=backend,
-                           config=config, origin="lvsa.attention")
+                              config=config, origin="lvsa.attention", q_rows=q_rows)
     return out

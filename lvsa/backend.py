@@ -60,6 +60,9 @@ class Problem:
     compute_capability: Optional[Tuple[int, int]] = None
     device_index: Optional[int] = None
     device: Optional[torch.device] = None
+    #: query rows ``[lo, hi)`` of the video sequence when ``q`` holds only those (sequence
+    #: parallelism); ``None`` = every row. ``seq_len`` is always the whole sequence (K/V).
+    q_rows: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
         if self.device is None:
@@ -80,17 +83,18 @@ class Problem:
         return self.num_kv_heads != self.num_heads
 
     @classmethod
-    def from_tensors(cls, q, k, mask: BlockMask, text_k=None) -> "Problem":
+    def from_tensors(cls, q, k, mask: BlockMask, text_k=None, q_rows=None) -> "Problem":
         from .devices import compute_capability
 
         dev = q.device
         return cls(
-            device_kind=dev.type, dtype=q.dtype, batch=q.shape[0], seq_len=q.shape[1],
+            device_kind=dev.type, dtype=q.dtype, batch=q.shape[0], seq_len=k.shape[1],
             num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3],
             text_len=0 if text_k is None else text_k.shape[1], T=mask.num_frames,
-            P=q.shape[1] // max(mask.num_frames, 1),
+            P=k.shape[1] // max(mask.num_frames, 1),
             compute_capability=compute_capability(dev) if dev.type == "cuda" else None,
             device_index=dev.index, device=dev,
+            q_rows=None if q_rows is None else (int(q_rows[0]), int(q_rows[1])),
         )
 
 
@@ -117,6 +121,9 @@ class Backend:
     max_head_dim: int = 1024
     supports_gqa: bool = True
     supports_text: bool = True
+    #: runs a row range ``[lo, hi)`` of the queries against all K/V (sequence parallelism):
+    #: ``plan`` receives it as ``problem.q_rows``, ``run`` gets ``q`` of ``hi - lo`` rows
+    supports_q_rows: bool = False
     max_batch: Optional[int] = None
     min_compute_capability: Optional[Tuple[int, int]] = None
     #: importable modules it needs (checked with ``importlib.util.find_spec``)
@@ -191,6 +198,9 @@ class Backend:
                      "is not supported: needs equal heads")
         if problem.text_len and not self.supports_text:
             r.append(f"text tokens ({problem.text_len}) are not supported: needs text_len 0")
+        if problem.q_rows is not None and not self.supports_q_rows:
+            r.append(f"query rows {list(problem.q_rows)} of {problem.seq_len} (sequence parallelism) are not "
+                     "supported: needs every query row")
         if self.max_batch is not None and problem.batch > self.max_batch:
             r.append(f"batch is {problem.batch}, allowed: <= {self.max_batch}")
         if self.min_compute_capability and problem.device_kind == "cuda":
@@ -229,7 +239,9 @@ class Backend:
         plan : object
             What :meth:`plan` returned (never a raw mask: plan first).
         q : torch.Tensor
-            ``[B, S, H, D]`` video queries, ``S = T * P``.
+            ``[B, S, H, D]`` video queries, ``S = T * P``; with ``problem.q_rows = (lo, hi)``
+            at plan time (backends with ``supports_q_rows``), ``[B, hi - lo, H, D]``: the
+            query rows ``[lo, hi)`` (any range; frames may be cut).
         k, v : torch.Tensor
             ``[B, S, Hkv, D]``.
         text_k, text_v : torch.Tensor, optional

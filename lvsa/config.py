@@ -110,6 +110,13 @@ def _p_backend(var, value):
     return s
 
 
+def _p_choice(var, value, choices):
+    s = str(value).strip().lower()
+    if s not in choices:
+        _fail(var, value, "one of " + ", ".join(choices))
+    return s
+
+
 def parse_mask_log(var, value):
     """``1`` every step, ``once``, ``N``, ``N-M``, ``N,M,K``; returns a spec tuple or None."""
     if value is None:
@@ -204,8 +211,15 @@ class Config:
     riflex_k: Optional[int] = _f(None, _p_opt_int(1), "LVSA_RIFLEX_K",
                                  "RIFLEx component (1-based); auto = first whose period spans the reference")
     wan_hook: bool = _f(True, _p_bool, "LVSA_WAN_HOOK",
-                        "accepted for compatibility; under context parallelism lvsa hands off "
-                        "(reason=context_parallel)")
+                        "accepted for compatibility: under context parallelism lvsa installs its "
+                        "own split/gather hooks for Wan (no diffusers _cp_plan needed)")
+    context_parallel: str = _f("off", lambda var, v: _p_choice(var, v, ("off", "auto", "ulysses", "sequence")),
+                               "LVSA_CONTEXT_PARALLEL",
+                               "multi-GPU split: off, auto (ulysses when heads divide), ulysses, sequence")
+    dist_timeout: float = _f(600.0, _p_pos_float, "LVSA_DIST_TIMEOUT",
+                             "seconds a rank waits in a collective before the run ends with an error")
+    log_all_ranks: bool = _f(False, _p_bool, "LVSA_LOG_ALL_RANKS",
+                             "every rank prints [LVSA] lines, prefixed with its rank (default: rank 0 only)")
 
     # -------------------------------------------------------------- loading
     @classmethod

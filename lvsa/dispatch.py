@@ -12,9 +12,13 @@ Selection precedence (highest first; documented in the README):
    everywhere: the last resort).
 
 A backend named explicitly (1–3) that cannot run raises :class:`BackendUnavailable`
-listing its reasons: never a quiet substitute. In ``auto`` mode a backend that
-raises while running is replaced by the reference for that call, with a fallback
-event carrying the exception text; ``LVSA_STRICT=1`` re-raises instead.
+listing its reasons: never a quiet substitute. A backend's output is checked (shape,
+dtype, device, finite for finite inputs: :func:`check_output`) on its first use for each
+problem and on every call under ``LVSA_CHECK=1``. In ``auto`` mode a backend that raises
+while running, or fails that check, is replaced by the reference for that call, with a
+``backend_error`` fallback event carrying the error, and is skipped for that problem from
+then on; ``LVSA_STRICT=1``, or a backend chosen by name, raises instead (a failed check is
+a :class:`~lvsa.errors.BackendOutputError` naming the backend).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 from . import plugins, telemetry
 from .backend import Problem
 from .config import current_config
-from .errors import BackendUnavailable, UnknownBackend  # noqa: F401 (re-export)
+from .errors import BackendOutputError, BackendUnavailable, UnknownBackend  # noqa: F401
 from .mask import BlockMask
 
 _ctx_backend: contextvars.ContextVar = contextvars.ContextVar("lvsa_backend", default=None)
@@ -163,24 +167,63 @@ def plan_for(backend, mask: BlockMask, problem: Problem):
     return handle
 
 
+#: (problem, backend) whose output passed :func:`check_output` once
+_verified: set = set()
+
+
+def check_output(backend, out, q, k, v, text_k=None, text_v=None) -> None:
+    """Raise :class:`BackendOutputError` naming ``backend`` unless ``out`` has ``q``'s shape,
+    dtype and device and, for finite inputs, only finite values.
+
+    The dispatcher calls it on a backend's first use for each problem and on every call
+    under ``LVSA_CHECK=1``. Non-finite output from non-finite inputs is not the backend's
+    doing and passes (checked mode rejects such inputs before any backend runs).
+    """
+    import torch
+
+    who = f"backend {backend.name!r} (from {getattr(backend, 'distribution', '?')})"
+    if not isinstance(out, torch.Tensor):
+        raise BackendOutputError(f"{who} returned {type(out).__name__}, not a tensor",
+                                 backend.name)
+    wrong = [f"{what} {got} (expected {want})" for what, got, want in (
+        ("shape", tuple(out.shape), tuple(q.shape)), ("dtype", out.dtype, q.dtype),
+        ("device", out.device, q.device)) if got != want]
+    if wrong:
+        raise BackendOutputError(f"{who} returned a tensor of " + ", ".join(wrong), backend.name)
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        inputs = [t for t in (q, k, v, text_k, text_v) if t is not None]
+        if all(bool(torch.isfinite(t).all()) for t in inputs):
+            bad = int((~finite).sum())
+            raise BackendOutputError(
+                f"{who} returned {bad} non-finite values (NaN/Inf) from finite inputs: the "
+                f"backend is at fault, not the model", backend.name)
+
+
 def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None,
                   backend: Optional[str] = None, config=None, origin: str = "lvsa.attention",
-                  validated: bool = False, record: Optional[telemetry.Counts] = None):
+                  validated: bool = False, record: Optional[telemetry.Counts] = None, q_rows=None):
     """Validate, select, plan (cached) and run; the single fallback decision point.
 
     ``record``: the generation's :class:`~lvsa.telemetry.Counts` (the engine's), counted
-    together with the session. Returns ``(out, backend_name, fell_back)``.
+    together with the session. ``q_rows=(lo, hi)``: ``q`` holds only query rows ``[lo, hi)``
+    of the sequence (sequence parallelism); backends without ``supports_q_rows`` are passed
+    over (or refuse, when named explicitly). Returns ``(out, backend_name, fell_back)``.
     """
     from .ops import validate_inputs
 
     config = config or current_config()
     if not validated:
-        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check)
-    problem = Problem.from_tensors(q, k, mask, text_k)
+        validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check, q_rows=q_rows)
+    problem = Problem.from_tensors(q, k, mask, text_k, q_rows)
     sel = select_backend(problem, backend, config)
     try:
         handle = plan_for(sel.backend, mask, problem)
         out = sel.backend.run(handle, q, k, v, text_k, text_v, scale)
+        key = (problem, sel.backend)
+        if config.check or key not in _verified:
+            check_output(sel.backend, out, q, k, v, text_k, text_v)
+            _verified.add(key)
         telemetry.count_call("sparse", sel.name, record)
         return out, sel.name, False
     except Exception as e:  # noqa: BLE001 - decided below, never swallowed silently
@@ -192,13 +235,39 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
         _runtime_failures[(problem, sel.name)] = msg
         _selection_cache.clear()
         telemetry.fallback(origin, "backend_error",
-                           q.shape[1] + (0 if text_k is None else text_k.shape[1]), record,
+                           k.shape[1] + (0 if text_k is None else text_k.shape[1]), record,
                            warn=config.warn_fallback, backend=sel.name, error=repr(msg),
                            to="reference")
         ref = plugins.get_backend("reference")
         out = ref.run(plan_for(ref, mask, problem), q, k, v, text_k, text_v, scale)
         telemetry.count_call("sparse", "reference", record)
         return out, "reference", True
+
+
+_env_checked: set = set()
+
+
+def check_environment(env=None) -> Dict[str, Optional[str]]:
+    """Warn once per environment about ``LVSA_*`` variables nothing reads (a misspelling
+    silently ignored is a run with the wrong settings), naming the nearest known name.
+    Known: the :class:`~lvsa.config.Config` variables, ``LVSA_CONFIG``,
+    ``LVSA_LOAD_PLUGINS`` and every setting a registered backend or plugin declares.
+    Returns the unknown names (→ nearest known name or ``None``)."""
+    import os
+
+    from .config import unknown_variables
+
+    env = os.environ if env is None else env
+    items = tuple(sorted((k, v) for k, v in env.items() if k.startswith("LVSA_")))
+    key = (items, plugins.generation())
+    if key in _env_checked:
+        return {}
+    _env_checked.add(key)
+    unknown = unknown_variables(dict(items), plugins.declared_settings())
+    for name, near in unknown.items():
+        hint = f"did you mean {near}?" if near else "`lvsa info --vars` lists the known ones"
+        telemetry.emit("warning", message=f"{name} is set but nothing in lvsa reads it (ignored); {hint}")
+    return unknown
 
 
 def check_requested(device=None, dtype=None, head_dim: int = 128, num_heads: int = 1,
@@ -239,5 +308,6 @@ def check_requested(device=None, dtype=None, head_dim: int = 128, num_heads: int
 def clear_caches():
     _selection_cache.clear()
     _runtime_failures.clear()
+    _verified.clear()
     with _plans_lock:
         _plans.clear()

@@ -120,6 +120,8 @@ class Engine:
         self._step_t0 = None
         self._calls_in_step = 0
         if announce:
+            from .dispatch import check_environment
+            check_environment()
             telemetry.new_generation()
 
     def set_step(self, step: int):
@@ -155,22 +157,43 @@ class Engine:
                 "fallbacks_by_reason": dict(c.fallbacks_by_reason), "T": g["T"], "P": g["P"], "reference": self._reference,
                 "extension_ratio": g["extension_ratio"]}
 
+    def consistency_key(self, seq_len: int, text_len: int = 0) -> Tuple:
+        """``(T, P, L, step, offset, kfi)`` of the next call: what every context-parallel
+        rank must agree on (compared across ranks under ``LVSA_CHECK=1``)."""
+        geo = self.detect(seq_len, text_len)
+        if not geo.ok:
+            return (None, None, text_len, self.step, None, None, geo.reason)
+        sched = self.schedule(geo.T, geo.P)
+        return (geo.T, geo.P, text_len, self.step, sched.mask_for_step(self.step).offset,
+                sched.key_frame_interval)
+
+    def first_call_of_generation(self, tag: str) -> bool:
+        """True once per generation per ``tag`` (e.g. the cross-rank check)."""
+        seen = self._gen["announced"]
+        if tag in seen:
+            return False
+        seen.add(tag)
+        return True
+
     # --------------------------------------------------------- attention
     def fallback(self, origin, reason, seq_len, **detail):
         """Record and announce a non-sparse path (integrations call this when they hand off)."""
         telemetry.fallback(origin, reason, seq_len, self.counts, warn=self.config.warn_fallback,
                            **detail)
 
-    def attention(self, q, k, v, text_k=None, text_v=None, scale=None, origin: Optional[str] = None):
+    def attention(self, q, k, v, text_k=None, text_v=None, scale=None, origin: Optional[str] = None,
+                  q_rows: Optional[Tuple[int, int]] = None):
         """Self-attention of the video queries; see :func:`lvsa.attention` for shapes.
 
         ``origin`` names the call site in fallback lines (default ``forward_<device>``, e.g.
-        ``forward_cuda``); the ``engaged`` line names the model family.
+        ``forward_cuda``); the ``engaged`` line names the model family. ``q_rows=(lo, hi)``:
+        ``q`` holds only those query rows (sequence parallelism); the schedule and mask are
+        those of the whole sequence ``k``.
         """
         origin = origin or f"forward_{q.device.type}"
         self._calls_in_step += 1
-        validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check)
-        S = q.shape[1]
+        validate_inputs(q, k, v, None, text_k, text_v, scale, check_finite=self.config.check, q_rows=q_rows)
+        S = k.shape[1]
         L = 0 if text_k is None else text_k.shape[1]
         if q.device.type != "cpu":
             self._last_device = q.device
@@ -201,8 +224,8 @@ class Engine:
         else:
             from .dispatch import run_attention
             out, backend_name, _ = run_attention(q, k, v, mask, text_k, text_v, scale,
-                                                         config=self.config, origin=origin,
-                                                         validated=True, record=self.counts)
+                                                 config=self.config, origin=origin,
+                                                 validated=True, record=self.counts, q_rows=q_rows)
         if "engaged" not in g["announced"]:
             g["announced"].add("engaged")
             g["backend"] = backend_name

@@ -47,3 +47,8 @@ class BackendOutputError(LVSAError, RuntimeError):
 
 class PlanTooLarge(LVSAError, ValueError):
     """A schedule longer than :data:`lvsa.schedule.MAX_LATENT_FRAMES` latent frames."""
+
+
+class ContextParallelError(LVSAError, RuntimeError):
+    """A context-parallel run cannot go on: a split that does not divide, ranks that
+    disagree, a rank that failed or never reached a collective."""

@@ -148,6 +148,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--riflex", action="store_true",
                    help="RIFLEx: past the training horizon, lower the one temporal RoPE frequency that would "
                         "repeat inside the clip (against the video looping; LVSA_RIFLEX=1)")
+    s.add_argument("--context-parallel", default=None, choices=["auto", "ulysses", "sequence", "off"],
+                   help="under torchrun: split one generation over the ranks (default auto: ulysses when "
+                        "the heads divide by the world size, else sequence; LVSA_CONTEXT_PARALLEL)")
     s.add_argument("--no-lvsa", action="store_true",
                    help="dense baseline: run the unmodified pipeline (same seed, same outputs layout)")
     o = p.add_argument_group("outputs")
@@ -515,19 +518,35 @@ def decode_to_mp4(cmd: str, pipe, adapter, latent, out_path: str, fps: int, late
 # ============================================================== generate
 def _settings(args) -> Dict[str, Any]:
     s = {"backend": args.backend, "sparsity_scale": args.sparsity_scale,
-         "reference_latent_frames": args.reference_latent_frames, "riflex": args.riflex or None}
+         "reference_latent_frames": args.reference_latent_frames, "riflex": args.riflex or None,
+         "context_parallel": getattr(args, "context_parallel", None)}
     return {k: v for k, v in s.items() if v is not None}
 
 
 def run_generate(args) -> int:
+    from .devices import default_device_kind
+    from .parallel import command_session
+
+    kind = torch_device_kind(args.device) if args.device else default_device_kind()
+    # under torchrun: the process group for the device kind, cuda:LOCAL_RANK, only rank 0
+    # prints and writes, destroy_process_group always (one place: lvsa.parallel)
+    with command_session(kind) as dist:
+        try:
+            return _generate(args, dist)
+        except UserError as e:
+            _err("generate", str(e))
+            return EXIT_BAD_INPUT
+
+
+def torch_device_kind(spec: str) -> str:
     try:
-        return _generate(args)
-    except UserError as e:
-        _err("generate", str(e))
-        return EXIT_BAD_INPUT
+        import torch
+        return torch.device(spec).type
+    except RuntimeError as e:
+        raise UserError(f"--device {spec}: {e}") from None
 
 
-def _generate(args) -> int:
+def _generate(args, dist=None) -> int:
     t_start = time.perf_counter()
     spec = resolve_model(args.model)
     from .tiny import TINY_CALL_KWARGS, TINY_DEFAULTS
@@ -551,6 +570,8 @@ def _generate(args) -> int:
             raise UserError(str(e)) from None
     factors = model_factors(spec)
     check_geometry(num_frames, height, width, factors)
+    if dist is not None and dist.active:
+        _check_context_parallel(args, spec, factors, num_frames, height, width, settings, dist)
     suffix = "-dense" if args.no_lvsa else ""
     frames_tag = f"{num_frames}f" if num_frames else "default"
     want_video = args.output is not None or args.output_latent is None
@@ -567,6 +588,8 @@ def _generate(args) -> int:
             if w:
                 _note("generate", w)
     device, dtype = _device_and_dtype(args, spec.tiny)
+    if dist is not None and dist.active and dist.device is not None:
+        device = dist.device  # each rank on its own device (cuda:LOCAL_RANK)
 
     if spec.tiny:
         _note("generate", f"no --model given: using the built-in {spec.name} pipeline (random weights, offline "
@@ -619,6 +642,8 @@ def _generate(args) -> int:
         raise UserError(str(e)) from None
     latent = result.frames if hasattr(result, "frames") else result[0]
     t_denoise = time.perf_counter() - t0
+    if dist is not None and not dist.is_main:
+        return 0  # every rank holds the whole latent; rank 0 writes it (and the video)
     summary = integrations.last_summary(pipe) if not args.no_lvsa else None
     fps = args.fps or adapter.fps
     T_tok, P_tok = adapter.latent_tokens(latent.shape, factors)
@@ -653,6 +678,34 @@ def _generate(args) -> int:
                             out_path if (want_video and rc == 0) else None,
                             latent_path if (keep_latent or rc) else None, meta)
     return rc
+
+
+def _check_context_parallel(args, spec, factors, num_frames, height, width, settings, dist) -> None:
+    """Under torchrun: the split must work before anything loads (the same check, and so the
+    same exit status, on every rank; rank 0 alone prints it)."""
+    from .config import Config
+    from .parallel import divisibility_problem
+
+    if args.no_lvsa:
+        raise UserError("--no-lvsa under torchrun would run the whole dense generation on every rank; "
+                        "run it as one process, or use diffusers' enable_parallelism for dense context parallelism")
+    mode = settings.get("context_parallel")
+    if mode is None:  # LVSA_CONTEXT_PARALLEL / LVSA_CONFIG, else auto under torchrun
+        cfg = Config.load()
+        mode = cfg.context_parallel if cfg.is_set("context_parallel") else "auto"
+    if mode == "off":
+        raise UserError("--context-parallel off under torchrun would run the whole generation on every rank; "
+                        "launch one process instead")
+    seq = None
+    if num_frames and height and width:
+        seq = (factors.latent_frames(num_frames) // factors.patch_t) * factors.patches_per_frame(height, width)
+    heads = None
+    if spec.path:
+        heads = _read_json(os.path.join(spec.path, "transformer", "config.json")).get("num_attention_heads")
+    problem = divisibility_problem(dist.world_size, seq, heads, mode)
+    if problem:
+        raise UserError(problem)
+    settings["context_parallel"] = mode
 
 
 def _print_generate_summary(spec, summary, no_lvsa, T, P, shape, t_start, t_denoise, t_decode, device,

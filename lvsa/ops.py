@@ -16,7 +16,7 @@ def _shape(t):
 
 
 def validate_inputs(q, k, v, mask: Optional[BlockMask], text_k=None, text_v=None,
-                    scale=None, check_finite: bool = False) -> None:
+                    scale=None, check_finite: bool = False, q_rows=None) -> None:
     """Raise :class:`LVSAInputError` naming the tensor and the fix on any mismatch."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -27,6 +27,13 @@ def validate_inputs(q, k, v, mask: Optional[BlockMask], text_k=None, text_v=None
     if k.shape != v.shape:
         raise LVSAInputError(f"k {_shape(k)} and v {_shape(v)} must have the same shape")
     B, S, H, D = q.shape
+    if q_rows is not None:
+        lo, hi = (int(x) for x in q_rows)
+        if not (0 <= lo < hi <= k.shape[1]) or hi - lo != S:
+            raise LVSAInputError(
+                f"q_rows=({lo}, {hi}) must be a range inside the {k.shape[1]} key tokens with hi - lo equal "
+                f"to q's {S} rows (q holds query rows [lo, hi) of the whole sequence)")
+        S = k.shape[1]
     if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
         raise LVSAInputError(
             f"q {_shape(q)} and k {_shape(k)} disagree: batch, tokens and head_dim must match "

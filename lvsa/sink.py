@@ -24,6 +24,21 @@ PRINT_ONCE = {
 }
 
 
+def rank_prefix():
+    """Under ``torch.distributed`` with several ranks: ``None`` on ranks other than 0 (only
+    rank 0 prints), or with ``LVSA_LOG_ALL_RANKS=1`` a ``"[rank N] "`` prefix on every rank;
+    ``""`` in a single process."""
+    dist = sys.modules.get("torch.distributed")  # never imported just for this
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() <= 1:
+        return ""
+    from .config import current_config
+
+    rank = dist.get_rank()
+    if current_config().log_all_ranks:
+        return f"[rank {rank}] "
+    return "" if rank == 0 else None
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f}GB"
 
@@ -41,6 +56,11 @@ class DefaultSink:
         return self._stream or sys.stderr
 
     def _print(self, line: str):
+        prefix = rank_prefix()
+        if prefix is None:
+            return
+        if prefix:
+            line = "\n".join(prefix + part for part in line.split("\n"))
         print(line, file=self.stream, flush=True)
 
     def _first_time(self, event: Event) -> bool:

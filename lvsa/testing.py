@@ -37,7 +37,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,6 +68,8 @@ class Case:
     dtype: torch.dtype = torch.float32
     mask: Callable[[], BlockMask] = None  # builds the mask
     scale: Optional[float] = None
+    #: query rows ``[lo, hi)`` only (sequence parallelism; backends with ``supports_q_rows``)
+    q_rows: Optional[Tuple[int, int]] = None
 
     def build_mask(self) -> BlockMask:
         return self.mask() if self.mask is not None else plan_schedule(self.T, 1, 1, 3).mask(1)
@@ -140,6 +142,7 @@ def default_cases() -> List[Case]:
         Case("globals_only", 6, 17, 2, 2, 16, L=3, mask=lambda: BlockMask(6, (0, 3), None)),
         Case("dense", 4, 15, 2, 2, 16, mask=lambda: dense_mask(4)),
         Case("custom_scale", 5, 9, 2, 2, 16, mask=rot(5, off=4), scale=0.37),
+        Case("query_rows_text", 6, 13, 4, 2, 16, B=2, L=3, mask=rot(6, off=2), q_rows=(20, 51)),
     ]
 
 
@@ -162,6 +165,8 @@ def cases_for(backend: Backend, cases: Optional[Sequence[Case]] = None,
             if c.L and not backend.supports_text:
                 continue
             if backend.max_batch is not None and c.B > backend.max_batch:
+                continue
+            if c.q_rows is not None and not backend.supports_q_rows:
                 continue
             D = _fit_head_dim(backend, c.D)
             if D is None:
@@ -197,7 +202,8 @@ def run_case(backend: Backend, case: Case, device=None, seed: int = 0,
     gen = torch.Generator().manual_seed(seed)
     mask = case.build_mask()
     q, k, v, tk, tv = _inputs(case, device, gen)
-    problem = Problem.from_tensors(q, k, mask, tk)
+    rows = slice(*case.q_rows) if case.q_rows else slice(None)
+    problem = Problem.from_tensors(q[:, rows], k, mask, tk, case.q_rows)
     reasons = backend.not_supported_reasons(problem)
     if ignore_device:
         reasons = [r for r in reasons if not r.startswith("device is ")
@@ -207,12 +213,12 @@ def run_case(backend: Backend, case: Case, device=None, seed: int = 0,
     atol, rtol = backend.tolerance(case.dtype)
     try:
         plan = backend.plan(mask, problem)
-        out = backend.run(plan, q, k, v, tk, tv, case.scale)
+        out = backend.run(plan, q[:, rows], k, v, tk, tv, case.scale)
     except Exception as e:  # noqa: BLE001 - reported as the case's failure
         return CaseResult(case, "fail", f"raised {type(e).__name__}: {e}", seed=seed)
     if not isinstance(out, torch.Tensor):
         return CaseResult(case, "fail", f"run() returned {type(out).__name__}, not a tensor", seed=seed)
-    for what, got, want in (("shape", tuple(out.shape), tuple(q.shape)), ("dtype", out.dtype, q.dtype),
+    for what, got, want in (("shape", tuple(out.shape), tuple(q[:, rows].shape)), ("dtype", out.dtype, q.dtype),
                             ("device", out.device, q.device)):
         if got != want:
             return CaseResult(case, "fail", f"output {what} is {got}, expected {want}", seed=seed)
@@ -224,7 +230,7 @@ def run_case(backend: Backend, case: Case, device=None, seed: int = 0,
     if oracle_err > ORACLE_TOL:
         return CaseResult(case, "fail", f"the float64 reference is off dense attention by "
                           f"{oracle_err:.2e} (lvsa bug: report it)", seed=seed)
-    ok, err, excess = _compare(out, ref, atol, rtol)
+    ok, err, excess = _compare(out, ref[:, rows], atol, rtol)
     if not ok:
         return CaseResult(case, "fail", f"differs from the float64 reference beyond the declared "
                           f"tolerance atol={atol:g} rtol={rtol:g} (by {excess:.2e})",
@@ -232,11 +238,11 @@ def run_case(backend: Backend, case: Case, device=None, seed: int = 0,
     # the plan holds no data: new inputs through the same plan give the new answer
     q2, k2, v2, tk2, tv2 = _inputs(case, device, gen)
     try:
-        out2 = backend.run(plan, q2, k2, v2, tk2, tv2, case.scale)
+        out2 = backend.run(plan, q2[:, rows], k2, v2, tk2, tv2, case.scale)
     except Exception as e:  # noqa: BLE001
         return CaseResult(case, "fail", f"second run on the same plan raised {type(e).__name__}: {e}",
                           seed=seed)
-    ok2, err2, _ = _compare(out2, _reference64(mask, q2, k2, v2, tk2, tv2, case.scale), atol, rtol)
+    ok2, err2, _ = _compare(out2, _reference64(mask, q2, k2, v2, tk2, tv2, case.scale)[:, rows], atol, rtol)
     if not ok2:
         return CaseResult(case, "fail", "the same plan run on new inputs gave a wrong answer "
                           "(does the plan keep tensors of the first call?)", max_abs_err=err2, seed=seed)

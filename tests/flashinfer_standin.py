@@ -26,6 +26,11 @@ class FakeBSRWrapper:
     def run(self, q, k, v, return_lse=False):
         indptr, indices, M, N, R, C, Hq, Hkv, scale = self.args
         assert q.shape[0] == M and k.shape[0] == N and q.shape[1] == Hq and k.shape[1] == Hkv
+        # the real kernel reads K and V with one page stride (FlashInfer refuses otherwise:
+        # "K and V must have same page stride for sparse attention")
+        if k.stride() != v.stride():
+            raise RuntimeError(f"K and V must have same page stride for sparse attention "
+                               f"({k.stride()} vs. {v.stride()})")
         allowed = torch.zeros(M, N, dtype=torch.bool)
         for i in range(M // R):
             for j in indices[indptr[i]:indptr[i + 1]]:

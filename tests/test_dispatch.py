@@ -186,3 +186,18 @@ def test_a_backend_that_raised_is_demoted_for_that_problem(with_backends, monkey
     assert Exploding.calls == 1 and Marker.calls == 2  # first call: reference; then the next in line
     err = capsys.readouterr().err
     assert "[LVSA] backend=marker (auto on cpu) refused: exploding: raised at run time on this problem" in err
+
+
+def test_check_requested_before_anything_loads(with_backends, monkeypatch):
+    """A named backend is checked against the device up front (for lvsa generate: before a
+    pipeline loads); auto needs no check."""
+    assert dispatch.check_requested("cpu") is None
+    assert dispatch.check_requested("cpu", requested="reference", dtype=torch.float32) == "reference"
+    monkeypatch.setenv("LVSA_BACKEND", "nonexistent")
+    with pytest.raises(lvsa.UnknownBackend, match="unknown backend 'nonexistent'"):
+        dispatch.check_requested("cpu")
+    monkeypatch.setenv("LVSA_BACKEND", "cudaonly")
+    with pytest.raises(lvsa.BackendUnavailable, match=r"'cudaonly' \(selected by LVSA_BACKEND\) cannot "
+                                                      r"run on cpu.*runs on cuda") as e:
+        dispatch.check_requested("cpu", head_dim=128)
+    assert any("a_package_that_does_not_exist_lvsa" in r for r in e.value.refused["cudaonly"])

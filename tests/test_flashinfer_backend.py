@@ -164,3 +164,42 @@ def test_text_merge_path_follows_the_tensors_device(fake_flashinfer, monkeypatch
     out = be.run(be.plan(mask, prob), q, k, v, tk, tv)
     ref = ReferenceBackend().run(ReferenceBackend().plan(mask, prob), q, k, v, tk, tv)
     assert torch.allclose(out, ref, atol=2e-5)
+
+
+def test_strided_k_with_contiguous_v(fake_flashinfer):
+    """A K that is a transposed [B, H, S, D] buffer reshapes as a view at batch 1 (found on
+    the H200 with CogVideoX): K and V must still reach FlashInfer with one layout."""
+    from lvsa.backends.reference import ReferenceBackend
+    T, P, D, H = 5, 6, 16, 3
+    mask = plan_schedule(T, 1, 1, 2).mask(1)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, H, T * P, D, generator=g).transpose(1, 2)    # [1, S, H, D], strided
+    k = torch.randn(1, H, T * P, D, generator=g).transpose(1, 2)
+    v = torch.randn(1, T * P, H, D, generator=g)                     # contiguous
+    assert not k.is_contiguous() and k.reshape(T * P, H, D).stride() != v.reshape(T * P, H, D).stride()
+    prob = Problem("cpu", torch.float32, 1, T * P, H, H, D, T=T, P=P)
+    be = fb.FlashInferBackend()
+    out = be.run(be.plan(mask, prob), q, k, v)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, prob), q, k, v)
+    assert torch.allclose(out, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows,L", [((0, 24), 0), ((17, 61), 5), ((36, 84), 3)])
+def test_query_rows_run_only_their_frames(fake_flashinfer, rows, L):
+    """Sequence parallelism: q holds rows [lo, hi) (frames cut anywhere); the plan has
+    only the block rows of the frames they touch and the result equals the reference rows."""
+    from lvsa.backends.reference import ReferenceBackend
+    B, T, P, H, Hkv, D = 2, 7, 12, 2, 1, 16
+    mask = plan_schedule(T, 1, 1, 3).mask(1)
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    q, k, v = r(B, T * P, H, D), r(B, T * P, Hkv, D), r(B, T * P, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    lo, hi = rows
+    be = fb.FlashInferBackend()
+    plan = be.plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
+    f0, f1 = lo // P, -(-hi // P)
+    assert plan.wrapper.args[2] == B * (f1 - f0) * P and plan.wrapper.args[3] == B * T * P
+    out = be.run(plan, q[:, lo:hi], k, v, tk, tv)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
+    assert out.shape == (B, hi - lo, H, D) and torch.allclose(out, ref[:, lo:hi], atol=2e-5)

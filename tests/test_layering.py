@@ -19,7 +19,7 @@ LAYERS = {
              "lvsa.hookspecs", "lvsa.backend"],
     "mechanisms": ["lvsa.backends", "lvsa.backends.reference", "lvsa.sink", "lvsa.plugins",
                    "lvsa.telemetry", "lvsa.dispatch", "lvsa.api"],
-    "runtime": ["lvsa.engine"],
+    "runtime": ["lvsa.engine", "lvsa.parallel"],
     "integrations": ["lvsa.integrations", "lvsa.integrations.base", "lvsa.integrations.wan",
                      "lvsa.integrations.hunyuan", "lvsa.integrations.cogvideox",
                      "lvsa.integrations.registry", "lvsa.tiny"],

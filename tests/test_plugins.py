@@ -153,3 +153,22 @@ def test_selection_follows_registration(fresh_plugins, monkeypatch):
     assert dispatch.select_backend(prob).name == "late"
     plugins.unregister_plugin(p)
     assert dispatch.select_backend(prob).name == "reference"
+
+
+def test_backend_settings_are_declared_by_their_owners_and_validated(fresh_plugins, monkeypatch):
+    """LVSA_TRITON_CONFIG, LVSA_FLASHINFER_WORKSPACE_MB and LVSA_JSONL_PATH belong to the
+    distributions that read them: listed by `lvsa info --vars` through the registry, parsed
+    like lvsa's own variables (a bad value names the variable), never called misspelled."""
+    from lvsa.config import env_table, unknown_variables
+
+    settings = {s.env: s for s in plugins.declared_settings()}
+    assert {"LVSA_TRITON_CONFIG", "LVSA_FLASHINFER_WORKSPACE_MB", "LVSA_JSONL_PATH"} <= set(settings)
+    table = env_table(settings.values())
+    assert "| LVSA_FLASHINFER_WORKSPACE_MB | (lvsa-cuda: flashinfer) | 128 |" in table
+    with pytest.raises(ValueError, match="LVSA_FLASHINFER_WORKSPACE_MB='lots' is invalid: expected an integer"):
+        settings["LVSA_FLASHINFER_WORKSPACE_MB"].read({"LVSA_FLASHINFER_WORKSPACE_MB": "lots"})
+    with pytest.raises(ValueError, match="LVSA_TRITON_CONFIG='1,2'"):
+        settings["LVSA_TRITON_CONFIG"].read({"LVSA_TRITON_CONFIG": "1,2"})
+    env = {"LVSA_TRITON_CONFIG": "64,64,4,2,span", "LVSA_JSONL_PATH": "/tmp/x.jsonl"}
+    assert unknown_variables(env, settings.values()) == {}
+    assert set(unknown_variables(env)) == set(env)  # without the owners' declarations

@@ -143,3 +143,27 @@ def test_unchecked_mode_lets_nan_through(monkeypatch):
     v[0, 0, 0, 0] = float("nan")
     out = lvsa.attention(q, k, v, mask, tk, tv)
     assert torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("rows", [(0, 40), (13, 61), (60, 120), (7, 8)])
+@pytest.mark.parametrize("L", [0, 5])
+def test_query_rows_equal_the_rows_of_the_full_call(rows, L):
+    """Sequence parallelism: rows [lo, hi) (frames cut anywhere) are bit-identical to the
+    same rows of the full call, with and without text."""
+    q, k, v, tk, tv = make(2, 10, 12, 4, 2, 16, L, dtype=torch.float32, seed=3)
+    mask = plan_schedule(10, 1, 1, 4, kfi=3).mask_for_step(1)
+    full = lvsa.attention(q, k, v, mask, tk, tv, backend="reference")
+    lo, hi = rows
+    part = lvsa.attention(q[:, lo:hi], k, v, mask, tk, tv, backend="reference", q_rows=rows)
+    assert torch.equal(part, full[:, lo:hi])
+
+
+def test_query_rows_are_checked_and_refused_by_backends_without_them():
+    from lvsa.backend import Backend, Problem
+
+    q, k, v, _, _ = make(1, 4, 6, 2, 2, 8, 0, dtype=torch.float32)
+    mask = plan_schedule(4, 1, 1, 2, kfi=2).mask_for_step(0)
+    with pytest.raises(LVSAInputError, match="q_rows"):
+        lvsa.attention(q[:, :5], k, v, mask, q_rows=(0, 6))
+    problem = Problem.from_tensors(q[:, :6], k, mask, q_rows=(0, 6))
+    assert problem.seq_len == 24 and any("query rows" in r for r in Backend().not_supported_reasons(problem))

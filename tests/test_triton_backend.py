@@ -183,3 +183,19 @@ def test_run_takes_a_plan_for_the_tensors_device_only():
     out = tb.block_sparse_attention(tb.plan_for(mask, q.device), q, k, v,
                                     config=(16, 16, 4, 1, "span"))
     assert _err(out, _expect(mask, q, k, v, None, None)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("rows,config", [((0, 50), (16, 16, 4, 1, "span")), ((47, 131), (16, 16, 4, 1, "tiles")),
+                                         ((100, 108), (32, 32, 4, 1, "gather"))])
+def test_query_rows_match_the_rows_of_the_full_call(rows, config):
+    """Sequence parallelism: q holds rows [lo, hi) only (frames cut); every row is written
+    and equals the reference's row."""
+    T, P, H, Hkv, D, B, L = 9, 20, 2, 1, 64, 2, 6
+    mask = plan_schedule(T, W=1, n=1, reference=4).mask(1)
+    q, k, v, tk, tv = _inputs(B, T, P, H, Hkv, D, L, torch.float16, seed=5)
+    lo, hi = rows
+    plan = tb.TritonBackend().plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
+    out = torch.full_like(q[:, lo:hi], float("nan"))
+    tb.block_sparse_attention(plan, q[:, lo:hi].contiguous(), k, v, tk, tv, None, config=config, out=out)
+    assert torch.isfinite(out).all(), "some output row was not written"
+    assert _err(out, _expect(mask, q, k, v, tk, tv)[:, lo:hi]) < TOL[torch.float16]

@@ -9,6 +9,7 @@ It is the correctness oracle of every other backend and the last fallback.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
@@ -30,10 +31,20 @@ def frame_groups(mask: BlockMask) -> List[Tuple[int, int, Tuple[int, ...]]]:
     return groups
 
 
+@dataclass(frozen=True)
+class RowsPlan:
+    """Frame groups plus the query rows ``[lo, hi)`` that ``q`` holds (sequence parallelism)."""
+
+    groups: list
+    lo: int
+    hi: int
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     devices = ("cpu", "cuda", "npu", "mps", "xpu")
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+    supports_q_rows = True
     description = "torch SDPA per frame group; exact; any device (oracle and last fallback)"
     #: the last resort of automatic selection on every device
     priority = {d: 0 for d in devices}
@@ -43,25 +54,34 @@ class ReferenceBackend(Backend):
     def plan(self, mask, problem):
         """Frame groups with their key-frame index tensors on the problem's device."""
         device = None if problem is None else problem.device
-        return [(a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)]
+        groups = [(a, b, row, torch.tensor(row, device=device)) for a, b, row in frame_groups(mask)]
+        if problem is not None and problem.q_rows is not None:
+            return RowsPlan(groups, *problem.q_rows)
+        return groups
 
     def run(self, plan, q, k, v, text_k=None, text_v=None, scale=None):
-        if not isinstance(plan, list):
+        """Every frame group: SDPA of its query rows (those ``q`` holds: all of them, or
+        ``[lo, hi)`` with a :class:`RowsPlan`) over the group's attended K/V (+ text)."""
+        if isinstance(plan, RowsPlan):
+            groups, lo, hi = plan.groups, plan.lo, plan.hi
+        elif isinstance(plan, list):
+            groups, lo, hi = plan, 0, q.shape[1]
+        else:
             raise TypeError(f"reference.run() takes the plan from reference.plan(mask, problem), "
                             f"got {type(plan).__name__}")
-        groups = plan
-        B, S, H, D = q.shape
-        Hkv = k.shape[2]
+        B, _, H, D = q.shape
+        S, Hkv = k.shape[1], k.shape[2]
         T = groups[-1][1] + 1
         P = S // T
         scale = default_scale(D) if scale is None else scale
-        q5 = q.view(B, T, P, H, D)
         k5 = k.view(B, T, P, Hkv, D)
         v5 = v.view(B, T, P, Hkv, D)
         out = torch.empty_like(q)
-        o5 = out.view(B, T, P, H, D)
         dense_row = tuple(range(T))
         for first, last, row, idx in groups:
+            a, b = max(first * P, lo), min((last + 1) * P, hi)
+            if a >= b:
+                continue
             if row == dense_row:
                 kk, vv = k, v
             else:
@@ -71,8 +91,14 @@ class ReferenceBackend(Backend):
             if text_k is not None:
                 kk = torch.cat([kk, text_k], dim=1)
                 vv = torch.cat([vv, text_v], dim=1)
-            qq = q5[:, first:last + 1].reshape(B, (last - first + 1) * P, H, D)
-            o5[:, first:last + 1] = sdpa(qq, kk, vv, scale).reshape(B, last - first + 1, P, H, D)
+            g0, g1 = first * P, (last + 1) * P
+            if (a, b) == (g0, g1):
+                out[:, a - lo:b - lo] = sdpa(q[:, a - lo:b - lo], kk, vv, scale)
+            else:  # a group cut by the row range: run its full extent (zero rows padded in) so
+                # SDPA blocks the rows as the single-device call does -- bit-identical results
+                qq = q.new_zeros((B, g1 - g0, H, D))
+                qq[:, a - g0:b - g0] = q[:, a - lo:b - lo]
+                out[:, a - lo:b - lo] = sdpa(qq, kk, vv, scale)[:, a - g0:b - g0]
         return out
 
 

@@ -79,6 +79,9 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
         info["selection_error"] = str(clash)
     info["backends"] = rows
     info["plugins"] = [r.__dict__ for r in plugins.plugin_records()]
+    if clash is None:
+        from ..config import unknown_variables
+        info["unknown_variables"] = unknown_variables(extra=plugins.declared_settings())
     try:
         cfg = current_config()
         info["settings"] = cfg.active_env()
@@ -132,6 +135,8 @@ def cmd_info(args) -> int:
     print("settings: " + (", ".join(f"{k}={v}" for k, v in info["settings"].items()) or "(no LVSA_* set)"))
     if info.get("settings_error"):
         print(f"  settings error: {info['settings_error']}")
+    for name, near in (info.get("unknown_variables") or {}).items():
+        print(f"  {name} is set but nothing reads it" + (f" (did you mean {near}?)" if near else ""))
     if args.presets:
         from ..presets import PRESETS
         print("presets:")

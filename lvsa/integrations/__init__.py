@@ -65,6 +65,10 @@ def enable(pipe, **settings):
 
 def disable(pipe):
     """Restore the original attention processors and pipeline class (no-op if not enabled)."""
+    if not hasattr(pipe, "__dict__"):
+        raise TypeError(
+            f"lvsa.disable() takes the pipeline or transformer given to lvsa.enable(), got "
+            f"{type(pipe).__name__} (which lvsa cannot have been enabled on)")
     state: Optional[LVSAState] = pipe.__dict__.get(STATE_ATTR)
     if state is None:
         return pipe
@@ -81,11 +85,11 @@ def is_enabled(pipe) -> bool:
 
 def engine_of(pipe):
     """The :class:`lvsa.engine.Engine` serving ``pipe`` (``None`` when lvsa is off)."""
-    state = pipe.__dict__.get(STATE_ATTR)
+    state = getattr(pipe, "__dict__", {}).get(STATE_ATTR)
     return None if state is None else state.engine
 
 
 def last_summary(pipe) -> Optional[Dict[str, Any]]:
     """The engine's summary of the last pipeline call: backend, sparse/dense calls, fallbacks."""
-    state = pipe.__dict__.get(STATE_ATTR)
+    state = getattr(pipe, "__dict__", {}).get(STATE_ATTR)
     return None if state is None else state.last_summary

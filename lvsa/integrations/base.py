@@ -48,6 +48,8 @@ class Adapter:
     blocks_attr: str = "transformer_blocks"
     attn_attr: str = "attn"            # the self-attention module inside each block
     processor_class: Any = None        # the lvsa processor (a ProcessorBase subclass)
+    #: lvsa's split/gather hooks for context parallelism (:class:`lvsa.parallel.Split`/``Gather``)
+    cp_plan: Tuple[Any, ...] = ()
 
     def matches(self, transformer) -> bool:
         return type(transformer).__name__ == self.transformer_class
@@ -105,6 +107,8 @@ class ProcessorBase:
 
     _attention_backend = None
     _parallel_config = None
+    #: lvsa's own context-parallel group (set by :class:`LVSAState` when lvsa shards the sequence)
+    _lvsa_cp = None
 
     def __init__(self, engine, original):
         self.engine = engine
@@ -116,8 +120,45 @@ class ProcessorBase:
             if val is not None:
                 setattr(self, attr, val)
 
+    def context_parallel(self):
+        """``(cp, reason)``: the :class:`~lvsa.parallel.ContextParallel` this call runs under
+        (``None`` without context parallelism), or a hand-off ``reason`` (diffusers' ring or
+        ``*_anything`` modes, which the original processor implements)."""
+        if self._lvsa_cp is not None:
+            return self._lvsa_cp, None
+        if self._parallel_config is not None:
+            from ..parallel import from_diffusers
+            return from_diffusers(self._parallel_config)
+        return None, None
+
+    def cp_check(self, cp, seq_len: int, text_len: int = 0) -> None:
+        """Under ``LVSA_CHECK=1``: once per generation, every rank must hold the same
+        ``(T, P, L, step, offset, kfi)``; raises on disagreement."""
+        if self.engine.config.check and self.engine.first_call_of_generation("cp_check"):
+            cp.agree(self.engine.consistency_key(seq_len, text_len), "(T, P, L, step, offset, kfi)")
+
+    def cp_video_attention(self, cp, q, k, v):
+        """Video-only self-attention of local shards ``[B, S/w, H, D]`` under context
+        parallelism; returns the local output ``[B, S/w, H, D]`` (exact)."""
+        self.cp_check(cp, q.shape[1] * cp.world_size)
+
+        def attend(q_, k_, v_, text_k, text_v, rows):
+            return self.engine.attention(q_, k_, v_, text_k, text_v, q_rows=rows)
+        return cp.attention(attend, q, k, v)
+
+    def refuse_under_cp(self, cp, reason: str):
+        """lvsa's own hooks shard the sequence: the original processor would attend only
+        the local shard, so a hand-off would be silently wrong. Say so instead."""
+        from ..errors import ContextParallelError
+        raise ContextParallelError(
+            f"context parallel: this attention call needs the original processor ({reason}), which "
+            "cannot see the other ranks' tokens under lvsa's sequence split; run it without "
+            "context_parallel, or use diffusers' enable_parallelism for this model")
+
     def delegate(self, reason: str, seq_len: int, *args, **kwargs):
         """Run the original processor (``args`` as it takes them: ``attn, hidden_states, …``), loudly."""
+        if self._lvsa_cp is not None:
+            self.refuse_under_cp(self._lvsa_cp, reason)
         self.engine.fallback(f"forward_{args[1].device.type}", reason, seq_len)
         for attr in ("_attention_backend", "_parallel_config"):
             val = getattr(self, attr, None)
@@ -145,18 +186,39 @@ class LVSAState:
 
     # processors -----------------------------------------------------------
     def install(self):
+        cp = self._context_parallel()
         for tr in transformers_of(self.pipe):
             mods = self.adapter.attention_modules(tr)
             if not mods:
                 raise TypeError(f"lvsa found no self-attention processors to replace in {type(tr).__name__}")
+            own_cp = cp is not None and getattr(tr, "_parallel_config", None) is None
             for _, mod in mods:
                 orig = mod.processor
-                mod.set_processor(self.adapter.make_processor(self.engine, orig))
+                proc = self.adapter.make_processor(self.engine, orig)
+                if own_cp:
+                    proc._lvsa_cp = cp
+                mod.set_processor(proc)
                 self.originals.append((mod, orig))
             self.hooks.append(tr.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-            if self.engine.config.riflex:
+            if self.engine.config.riflex:  # before the context-parallel split: RIFLEx sees whole tables
                 from .riflex import install as install_riflex
                 self.hooks.extend(install_riflex(self, tr))
+            if own_cp:  # diffusers' enable_parallelism already splits: its group is used instead
+                from ..parallel import install_hooks
+                self.hooks.extend(install_hooks(tr, self.adapter.cp_plan, cp))
+
+    def _context_parallel(self):
+        """lvsa's own :class:`~lvsa.parallel.ContextParallel` when ``context_parallel`` is
+        on and more than one rank runs, else ``None``."""
+        mode = self.engine.config.context_parallel
+        if mode == "off":
+            return None
+        from ..parallel import ContextParallel, group_world_size, is_initialized
+        if not self.adapter.cp_plan:
+            raise TypeError(f"lvsa has no context-parallel plan for {self.adapter.family}")
+        if is_initialized() and group_world_size() == 1:
+            return None  # one rank: nothing to split
+        return ContextParallel(group=None, mode=mode)
 
     def uninstall(self):
         for mod, orig in reversed(self.originals):

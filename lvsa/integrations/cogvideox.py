@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..parallel import Gather, Split
 from .base import Adapter, Factors, ProcessorBase, cfg_get, transformers_of
 
 
@@ -31,6 +32,10 @@ class CogVideoXLVSAProcessor(ProcessorBase):
                  image_rotary_emb: Optional[torch.Tensor] = None):
         if attention_mask is not None:
             return self.delegate("attention_mask", hidden_states.shape[1] + encoder_hidden_states.shape[1],
+                                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        cp, handoff = self.context_parallel()
+        if handoff:  # diffusers' ring / *_anything context parallelism: the original implements it
+            return self.delegate(handoff, hidden_states.shape[1] + encoder_hidden_states.shape[1],
                                  attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
@@ -63,11 +68,14 @@ class CogVideoXLVSAProcessor(ProcessorBase):
 
         # video queries through lvsa ([B, S, H, D] layout), text keys dense
         t = text_seq_length
-        video_out = self.engine.attention(
-            query[:, :, t:].transpose(1, 2), key[:, :, t:].transpose(1, 2), value[:, :, t:].transpose(1, 2),
-            text_k=key[:, :, :t].transpose(1, 2), text_v=value[:, :, :t].transpose(1, 2))
-        # text queries: dense over all keys, exactly as the original
-        text_out = F.scaled_dot_product_attention(query[:, :, :t], key, value, dropout_p=0.0, is_causal=False)
+        if cp is None:
+            video_out = self.engine.attention(
+                query[:, :, t:].transpose(1, 2), key[:, :, t:].transpose(1, 2), value[:, :, t:].transpose(1, 2),
+                text_k=key[:, :, :t].transpose(1, 2), text_v=value[:, :, :t].transpose(1, 2))
+            # text queries: dense over all keys, exactly as the original
+            text_out = F.scaled_dot_product_attention(query[:, :, :t], key, value, dropout_p=0.0, is_causal=False)
+        else:
+            text_out, video_out = self._cp_attention(cp, query, key, value, t)
 
         out = torch.cat([text_out.transpose(1, 2), video_out.to(text_out.dtype)], dim=1)
         out = out.reshape(batch_size, -1, attn.heads * head_dim)
@@ -77,12 +85,43 @@ class CogVideoXLVSAProcessor(ProcessorBase):
         return hidden_states, encoder_hidden_states
 
 
+    def _cp_attention(self, cp, query, key, value, t):
+        """Context parallelism: ``query``/``key``/``value`` ``[B, H, t + S/w, D]`` hold the
+        replicated text then this rank's video tokens. Returns ``(text_out [B, H, t, D],
+        video_out [B, S/w, H, D])``, exactly the single-device values."""
+        qv, kv, vv = (x[:, :, t:].transpose(1, 2) for x in (query, key, value))  # [B, S/w, H, D]
+        self.cp_check(cp, qv.shape[1] * cp.world_size, t)
+        if cp.layout(query.shape[1]) == "ulysses":
+            qv, kv, vv = cp.seq_to_heads_many(qv, kv, vv)  # [B, S, H/w, D]
+            tq, tk, tv = (cp.head_slice(x, 1) for x in (query[:, :, :t], key[:, :, :t], value[:, :, :t]))
+            video_out = self.engine.attention(qv, kv, vv, text_k=tk.transpose(1, 2), text_v=tv.transpose(1, 2))
+            text_out = F.scaled_dot_product_attention(
+                tq, torch.cat([tk, kv.transpose(1, 2)], dim=2), torch.cat([tv, vv.transpose(1, 2)], dim=2),
+                dropout_p=0.0, is_causal=False)  # [B, H/w, t, D], keys in the original order
+            video_out = cp.heads_to_seq(video_out.to(qv.dtype))
+            text_out = cp.all_gather(text_out.contiguous(), 1)
+            return text_out, video_out
+        kv, vv = cp.all_gather(kv, 1), cp.all_gather(vv, 1)  # sequence mode: all video K/V, all heads
+        tk, tv = key[:, :, :t], value[:, :, :t]
+        video_out = self.engine.attention(qv, kv, vv, text_k=tk.transpose(1, 2), text_v=tv.transpose(1, 2),
+                                          q_rows=cp.rows(kv.shape[1]))
+        text_out = F.scaled_dot_product_attention(
+            query[:, :, :t], torch.cat([tk, kv.transpose(1, 2)], dim=2), torch.cat([tv, vv.transpose(1, 2)], dim=2),
+            dropout_p=0.0, is_causal=False)
+        return text_out, video_out
+
+
 class CogVideoXAdapter(Adapter):
     family = "cogvideox"
     fps = 8
     transformer_class = "CogVideoXTransformer3DModel"
     attn_attr = "attn1"
     processor_class = CogVideoXLVSAProcessor
+    # the pipeline passes the RoPE tables ([S, D]) to the transformer; the video tokens are
+    # split after the joint patch embedding, gathered after the output projection
+    cp_plan = (Split("", dim=0, arg=5, kwarg="image_rotary_emb"),
+               Split("transformer_blocks.0", dim=1, arg=0, kwarg="hidden_states"),
+               Gather("proj_out", dim=1))
 
     def factors(self, vae_config, transformer_config) -> Factors:
         boc = cfg_get(vae_config, "block_out_channels", None)

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..parallel import Gather, Split
 from .base import Adapter, Factors, ProcessorBase, cfg_get
 
 
@@ -31,8 +32,9 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
         if encoder_hidden_states is None or attention_mask is None:
             return self.delegate("no_text_stream", hidden_states.shape[1], attn, hidden_states,
                                  encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self._parallel_config is not None:
-            return self.delegate("context_parallel", hidden_states.shape[1], attn, hidden_states,
+        cp, handoff = self.context_parallel()
+        if handoff:  # diffusers' ring / *_anything context parallelism: the original implements it
+            return self.delegate(handoff, hidden_states.shape[1], attn, hidden_states,
                                  encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
@@ -58,17 +60,31 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
         if attn.norm_added_k is not None:
             enc_key = attn.norm_added_k(enc_key)
 
-        B, Sv = query.shape[:2]
+        B, Sq = query.shape[:2]  # video query rows held here (the local shard under context parallelism)
         Lt = enc_query.shape[1]
         text_valid = attention_mask.bool()
         if text_valid.shape[1] != Lt:  # the original left-pads the mask over the joint sequence
             text_valid = text_valid[:, -Lt:]
 
+        # context parallelism: every rank ends up with the WHOLE video K/V (all tokens, its
+        # heads for Ulysses / all heads for sequence mode) so that text queries see all of it
+        layout, rows = None, None
+        if cp is not None:
+            self.cp_check(cp, Sq * cp.world_size, int(text_valid[0].sum()))
+            layout = cp.layout(attn.heads)
+            if layout == "ulysses":
+                query, key, value = cp.seq_to_heads_many(query, key, value)
+                enc_query, enc_key, enc_value = (cp.head_slice(t) for t in (enc_query, enc_key, enc_value))
+            else:
+                key, value = cp.all_gather(key, 1), cp.all_gather(value, 1)
+                rows = cp.rows(key.shape[1])
+        Sv = key.shape[1]
+
         # 4a. video queries: lvsa over video keys + valid text keys
         if bool((text_valid == text_valid[:1]).all()):
             sel = text_valid[0]
             tk, tv = (enc_key[:, sel], enc_value[:, sel]) if bool(sel.any()) else (None, None)
-            video_out = self.engine.attention(query, key, value, text_k=tk, text_v=tv)
+            video_out = self.engine.attention(query, key, value, text_k=tk, text_v=tv, q_rows=rows)
         else:  # different prompt lengths in one batch: one call per sample
             outs = []
             for b in range(B):
@@ -76,7 +92,7 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
                 tk = enc_key[b:b + 1, sel] if bool(sel.any()) else None
                 tv = enc_value[b:b + 1, sel] if bool(sel.any()) else None
                 outs.append(self.engine.attention(query[b:b + 1], key[b:b + 1], value[b:b + 1],
-                                                  text_k=tk, text_v=tv))
+                                                  text_k=tk, text_v=tv, q_rows=rows))
             video_out = torch.cat(outs, dim=0)
 
         # 4b. text queries: dense over every key, with the original mask rows
@@ -86,12 +102,15 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
         text_mask = (text_valid.view(B, 1, Lt, 1) & key_valid.view(B, 1, 1, Sv + Lt)).bool()
         text_out = dispatch_attention_fn(enc_query, all_key, all_value, attn_mask=text_mask, dropout_p=0.0,
                                          is_causal=False, backend=self._attention_backend)
+        if layout == "ulysses":  # back to the local tokens, all heads
+            video_out = cp.heads_to_seq(video_out.to(query.dtype))
+            text_out = cp.all_gather(text_out.to(query.dtype).contiguous(), 2)
 
         out = torch.cat([video_out.to(query.dtype), text_out.to(query.dtype)], dim=1)
         out = out.flatten(2, 3).to(query.dtype)
 
         # 5. output projections
-        hidden_states, encoder_hidden_states = out[:, :Sv], out[:, Sv:]
+        hidden_states, encoder_hidden_states = out[:, :Sq], out[:, Sq:]
         if getattr(attn, "to_out", None) is not None:
             hidden_states = attn.to_out[0](hidden_states)
             hidden_states = attn.to_out[1](hidden_states)
@@ -105,6 +124,11 @@ class HunyuanAdapter(Adapter):
     fps = 24
     transformer_class = "HunyuanVideo15Transformer3DModel"
     processor_class = HunyuanVideo15LVSAProcessor
+    # video tokens split after the patch embedding (RoPE table [S, D] with them), gathered
+    # after the output projection; the text stream stays whole on every rank
+    cp_plan = (Split("rope", dim=0, output=True),
+               Split("transformer_blocks.0", dim=1, arg=0, kwarg="hidden_states"),
+               Gather("proj_out", dim=1))
 
     def factors(self, vae_config, transformer_config) -> Factors:
         p = cfg_get(transformer_config, "patch_size", 1) or 1

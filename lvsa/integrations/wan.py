@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ..parallel import Gather, Split
 from ..presets import FAMILY_REFERENCE, PRESETS, WAN_TI2V
 from .base import Adapter, Factors, ProcessorBase, cfg_get
 
@@ -41,9 +42,9 @@ class WanLVSAProcessor(ProcessorBase):
             reason = "attention_mask" if attention_mask is not None else "cross_attention"
             return self.delegate(reason, hidden_states.shape[1], attn, hidden_states, encoder_hidden_states,
                                  attention_mask, rotary_emb)
-        if self._parallel_config is not None:
-            return self.delegate("context_parallel", hidden_states.shape[1], attn, hidden_states, None,
-                                 None, rotary_emb)
+        cp, handoff = self.context_parallel()
+        if handoff:  # diffusers' ring / *_anything context parallelism: the original implements it
+            return self.delegate(handoff, hidden_states.shape[1], attn, hidden_states, None, None, rotary_emb)
 
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -63,7 +64,10 @@ class WanLVSAProcessor(ProcessorBase):
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
-        out = self.engine.attention(query, key, value)
+        if cp is not None:  # local shards [B, S/w, H, D]: exact attention over the whole sequence
+            out = self.cp_video_attention(cp, query, key, value)
+        else:
+            out = self.engine.attention(query, key, value)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -74,6 +78,13 @@ class WanAdapter(Adapter):
     family = "wan"
     fps = 16
     processor_class = WanLVSAProcessor
+    # the sequence is split after patch embedding and gathered after the output
+    # projection (as diffusers' own Wan _cp_plan): RoPE tables and the per-token timestep
+    # of Wan 2.2 TI2V are split with it; cross-attention needs nothing (text is replicated)
+    cp_plan = (Split("rope", dim=1, output=True),
+               Split("", dim=1, arg=1, kwarg="timestep", only_ndim=2),
+               Split("blocks.0", dim=1, arg=0, kwarg="hidden_states"),
+               Gather("proj_out", dim=1))
 
     def matches(self, transformer) -> bool:
         from diffusers.models.transformers.transformer_wan import WanAttention

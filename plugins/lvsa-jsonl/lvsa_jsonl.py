@@ -16,7 +16,7 @@ _lock = threading.Lock()
 
 PATH_SETTING = Setting("LVSA_JSONL_PATH", p_str, None,
                        "append every lvsa event as one JSON line to this file (unset: off)",
-                       owner="jsonl (lvsa-jsonl)")
+                       owner="lvsa-jsonl")
 
 
 def _plain(v):

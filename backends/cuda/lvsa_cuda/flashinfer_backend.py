@@ -51,7 +51,7 @@ _workspaces = {}
 WORKSPACE_SETTING = Setting(
     "LVSA_FLASHINFER_WORKSPACE_MB", p_int(1), DEFAULT_WORKSPACE_MB,
     "MiB of the one float workspace per device shared by every flashinfer plan",
-    owner="flashinfer (lvsa-cuda)")
+    owner="lvsa-cuda: flashinfer")
 
 
 def workspace(device: torch.device) -> torch.Tensor:
@@ -69,26 +69,30 @@ def workspace(device: torch.device) -> torch.Tensor:
         return buf
 
 
-def batched_csr(mask: BlockMask, batch: int) -> Tuple[List[int], List[int]]:
+def batched_csr(mask: BlockMask, batch: int, frames: Optional[Tuple[int, int]] = None
+                ) -> Tuple[List[int], List[int]]:
     """Block-diagonal CSR over ``batch x T`` block rows.
 
     Row ``b*T + f`` holds the columns ``b*T + c`` for ``c`` in ``mask.attended(f)``,
     so with q/k/v viewed as ``[B*S, heads, D]`` and one block per frame every batch
-    element reads only its own K/V.
+    element reads only its own K/V. ``frames=(f0, f1)`` keeps only the block rows of
+    query frames ``f0..f1-1`` (row ``b*(f1-f0) + f - f0``; sequence parallelism); the
+    columns still index all ``T`` frames.
 
     Returns
     -------
     (indptr, indices) : lists of int
-        ``indptr`` has ``batch*T + 1`` entries, ``indices`` ``batch * nnz``.
+        ``indptr`` has ``batch*nf + 1`` entries (``nf = f1 - f0``, default ``T``).
     """
     T = mask.num_frames
+    f0, f1 = frames or (0, T)
     base_ptr, base_idx = mask.indptr, mask.indices
-    nnz = base_ptr[-1]
     indptr = [0]
     indices: List[int] = []
     for b in range(batch):
-        indptr.extend(p + b * nnz for p in base_ptr[1:])
-        indices.extend(c + b * T for c in base_idx)
+        for f in range(f0, f1):
+            indices.extend(c + b * T for c in base_idx[base_ptr[f]:base_ptr[f + 1]])
+            indptr.append(len(indices))
     return indptr, indices
 
 
@@ -127,6 +131,8 @@ class FlashInferPlan:
     scale: Optional[float]
     indptr: torch.Tensor
     indices: torch.Tensor
+    #: query rows ``[lo, hi)`` that ``q`` holds (sequence parallelism); ``None`` = all rows
+    q_rows: Optional[Tuple[int, int]] = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -140,6 +146,7 @@ class FlashInferBackend(CudaBackend):
     #: reference at every sparse shape (H200, benchmarks/results/attention-h200-*.md)
     priority = {"cuda": 110}
     settings = (WORKSPACE_SETTING,)
+    supports_q_rows = True
     description = ("FlashInfer BlockSparseAttentionWrapper, one block per latent frame, "
                    "batch as a block-diagonal CSR, text merged by base-2 LSE; "
                    "pip install lvsa-cuda[flashinfer]")
@@ -170,20 +177,23 @@ class FlashInferBackend(CudaBackend):
         import flashinfer
 
         B, T = problem.batch, mask.num_frames
-        ptr, idx = batched_csr(mask, B)
+        rows = problem.q_rows
+        ptr, idx = batched_csr(mask, B, None if rows is None else _frames(rows, P))
         indptr = torch.tensor(ptr, dtype=torch.int32, device=device)
         indices = torch.tensor(idx, dtype=torch.int32, device=device)
         wrapper = flashinfer.BlockSparseAttentionWrapper(workspace(device))
         plan = FlashInferPlan(wrapper, B, T, P, problem.num_heads, problem.num_kv_heads,
-                              problem.head_dim, problem.dtype, scale, indptr, indices)
+                              problem.head_dim, problem.dtype, scale, indptr, indices, rows)
         self._plan_wrapper(plan, scale)
         return plan
 
     @staticmethod
     def _plan_wrapper(plan: FlashInferPlan, scale):
-        M = plan.batch * plan.num_frames * plan.tokens_per_frame
+        P = plan.tokens_per_frame
+        N = plan.batch * plan.num_frames * P
+        M = N if plan.q_rows is None else plan.batch * P * _nframes(_frames(plan.q_rows, P))
         plan.wrapper.plan(
-            plan.indptr, plan.indices, M, M, plan.tokens_per_frame, plan.tokens_per_frame,
+            plan.indptr, plan.indices, M, N, plan.tokens_per_frame, plan.tokens_per_frame,
             plan.num_heads, plan.num_kv_heads, plan.head_dim,
             sm_scale=scale, q_data_type=plan.dtype, o_data_type=plan.dtype)
         plan.scale = scale
@@ -195,8 +205,8 @@ class FlashInferBackend(CudaBackend):
         if not isinstance(handle, FlashInferPlan):
             raise TypeError(f"flashinfer.run() takes the FlashInferPlan from "
                             f"flashinfer.plan(mask, problem), got {type(handle).__name__}")
-        B, S, H, D = q.shape
-        Hkv = k.shape[2]
+        B, n, H, D = q.shape
+        S, Hkv = k.shape[1], k.shape[2]
         if (B, H, Hkv, D, q.dtype) != (handle.batch, handle.num_heads, handle.num_kv_heads,
                                        handle.head_dim, handle.dtype):
             raise ValueError(
@@ -206,26 +216,46 @@ class FlashInferBackend(CudaBackend):
         scale = default_scale(D) if scale is None else float(scale)
         has_text = text_k is not None and text_k.shape[1] > 0
         strided = [n for n, t in (("q", q), ("k", k), ("v", v)) if not t.is_contiguous()]
-        if strided:  # FlashInfer needs [B*S, H, D] views: reshape copies, say so once
+        if strided:
+            # FlashInfer takes [B*S, H, D] with K and V laid out alike (equal page strides).
+            # A strided tensor can still *reshape* as a view (e.g. batch 1 of a transposed
+            # [B, H, S, D] buffer) with other strides than its partner: copy explicitly.
             from lvsa import telemetry
             telemetry.emit("warning", message=(
                 f"flashinfer: {', '.join(strided)} not contiguous, copied before every call "
                 "(pass contiguous [B, S, H, D] tensors to avoid the copy)"))
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qq, cut = q, None
+        if handle.q_rows is not None:  # rows [lo, hi): pad to whole frames, run their block rows
+            P = handle.tokens_per_frame
+            lo, hi = handle.q_rows
+            f0, f1 = _frames(handle.q_rows, P)
+            if (f0 * P, f1 * P) != (lo, hi):
+                qq = q.new_zeros((B, (f1 - f0) * P, H, D))
+                qq[:, lo - f0 * P:hi - f0 * P] = q
+                cut = (lo - f0 * P, hi - f0 * P)
+        m = qq.shape[1]
         with device_guard(q.device), handle.lock:
             if handle.scale is None or not math.isclose(handle.scale, scale, rel_tol=1e-7):
                 self._plan_wrapper(handle, scale)
-            res = handle.wrapper.run(q.reshape(B * S, H, D), k.reshape(B * S, Hkv, D),
-                                     v.reshape(B * S, Hkv, D), return_lse=has_text)
-        if not has_text:
-            return res.view(B, S, H, D)
-        out, lse2 = res
-        out, lse2 = out.view(B, S, H, D), lse2.view(B, S, H)
-        if q.device.type != "cuda":
-            # the text-merge kernel needs CUDA tensors (or the Triton interpreter): on any
-            # other device (the CPU test stand-in) merge the text part in torch instead
-            return merge_text_torch(out, lse2, q, text_k, text_v, scale)
-        with device_guard(q.device):
-            return attend_text_into(out, lse2, q, text_k, text_v, scale)
+            res = handle.wrapper.run(qq.view(B * m, H, D), k.view(B * S, Hkv, D),
+                                     v.view(B * S, Hkv, D), return_lse=has_text)
+        out, lse2 = res if has_text else (res, None)
+        out = out.view(B, m, H, D)
+        if lse2 is not None:
+            lse2 = lse2.view(B, m, H)
+        if cut is not None:  # back to the rows q holds
+            out = out[:, cut[0]:cut[1]]
+            lse2 = None if lse2 is None else lse2[:, cut[0]:cut[1]]
+        if has_text:
+            if q.device.type != "cuda":
+                # the text-merge kernel needs CUDA tensors (or the Triton interpreter): on any
+                # other device (the CPU test stand-in) merge the text part in torch instead
+                out = merge_text_torch(out, lse2, q, text_k, text_v, scale)
+            else:
+                with device_guard(q.device):
+                    out = attend_text_into(out, lse2, q, text_k, text_v, scale)
+        return out if cut is None else out.contiguous()
 
 
 def merge_text_torch(out, lse2, q, text_k, text_v, scale: float):
@@ -235,6 +265,15 @@ def merge_text_torch(out, lse2, q, text_k, text_v, scale: float):
     merged, _ = merge_lse(out.float(), lse2_to_natural(lse2.float()), o_txt, lse_txt)
     out.copy_(merged.to(out.dtype))
     return out
+
+
+def _frames(rows: Tuple[int, int], P: int) -> Tuple[int, int]:
+    """Query frames ``[f0, f1)`` that token rows ``[lo, hi)`` touch."""
+    return rows[0] // P, -(-rows[1] // P)
+
+
+def _nframes(frames: Tuple[int, int]) -> int:
+    return frames[1] - frames[0]
 
 
 @hookimpl

@@ -42,6 +42,7 @@ Runs under ``TRITON_INTERPRET=1`` on the CPU (CI checks it against the reference
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -149,7 +150,7 @@ def _parse_setting(var, value):
 CONFIG_SETTING = Setting(
     "LVSA_TRITON_CONFIG", _parse_setting, None,
     "triton kernel tiling 'BLOCK_M,BLOCK_N,num_warps,num_stages[,mode]' (mode: "
-    + "/".join(MODES) + "); default by head_dim and GPU", owner="triton (lvsa-cuda)")
+    + "/".join(MODES) + "); default by head_dim and GPU", owner="lvsa-cuda: triton")
 
 
 def choose_config(head_dim: int, compute_capability: Optional[Tuple[int, int]] = None
@@ -252,7 +253,7 @@ if triton is not None:
                   tile_ptr, tile_nfull, tile_tok, tile_len,
                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,
                   stkb, stks, stkh, stvb, stvs, stvh, sob, sos, soh,
-                  S, H, GROUP, P, TILES, ROW0, L, qk_scale,
+                  S, H, GROUP, P, F0, LO, HI, TILES, ROW0, L, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_NT: tl.constexpr, HAS_TEXT: tl.constexpr, MODE: tl.constexpr):
         # MODE 0 "gather": packed stream, per-row frame lookup (any P)
@@ -261,10 +262,12 @@ if triton is not None:
         # MODE 3 "tma":    the same table, K/V through TMA tensor descriptors
         # (modes 2/3: the partial tail of each run is cut into BLOCK_NT-wide pieces)
         # Query rows ROW0 + [t*BLOCK_M, (t+1)*BLOCK_M) of frame f (ROW0 > 0: tail launch).
+        # Q/O hold the sequence's rows [LO, HI) (all of them, or a sequence-parallel rank's
+        # share); the grid starts at frame F0 = LO // P.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        f = pid_m // TILES
-        t = pid_m - f * TILES
+        f = F0 + pid_m // TILES
+        t = pid_m - (f - F0) * TILES
         b = pid_bh // H
         h = pid_bh - b * H
         hk = h // GROUP
@@ -272,8 +275,9 @@ if triton is not None:
 
         offs_d = tl.arange(0, HEAD_DIM)
         rows = ROW0 + t * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < P
-        qtok = (f * P + rows).to(tl.int64)
+        gtok = f * P + rows
+        row_ok = (rows < P) & (gtok >= LO) & (gtok < HI)
+        qtok = (gtok - LO).to(tl.int64)
         q = tl.load(Q + b64 * sqb + h * sqh + qtok[:, None] * sqs + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
 
@@ -438,6 +442,8 @@ class TritonPlan:
     indptr: torch.Tensor
     indices: torch.Tensor
     _tiles: dict = field(default_factory=dict, repr=False)
+    #: query rows ``[lo, hi)`` the run's ``q`` holds (sequence parallelism); ``None`` = all
+    q_rows: Optional[Tuple[int, int]] = None
 
     def tiles(self, P: int, block_n: int, tail_n: int):
         key = (P, block_n, tail_n)
@@ -456,14 +462,16 @@ def plan_for(mask: BlockMask, device) -> TritonPlan:
 
 
 def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
-                           scale: Optional[float] = None, config=None, out=None):
+                           scale: Optional[float] = None, config=None, out=None, q_rows=None):
     """Launch the kernel. Shapes as in :meth:`lvsa.backend.Backend.run`.
 
     Parameters
     ----------
     plan : TritonPlan
     q : torch.Tensor
-        ``[B, S, H, D]``, ``S = T * P``, frame-major.
+        ``[B, S, H, D]``, ``S = T * P``, frame-major; with ``q_rows=(lo, hi)`` (or a plan
+        made for them) ``[B, hi - lo, H, D]``: only those query rows (sequence parallelism;
+        the launch covers just the frames they touch).
     k, v : torch.Tensor
         ``[B, S, Hkv, D]``.
     text_k, text_v : torch.Tensor, optional
@@ -479,10 +487,16 @@ def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
     if plan.indptr.device != q.device:
         raise ValueError(f"the triton plan is on {plan.indptr.device} but q is on {q.device}: "
                          "plan for the tensors' device")
-    B, S, H, D = q.shape
-    Hkv = k.shape[2]
+    if q_rows is None:
+        q_rows = plan.q_rows
+    B, _, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
     T = plan.num_frames
     P = S // T
+    lo, hi = (0, S) if q_rows is None else (int(q_rows[0]), int(q_rows[1]))
+    if hi - lo != q.shape[1]:
+        raise ValueError(f"q has {q.shape[1]} rows but q_rows is [{lo}, {hi})")
+    f0, f1 = lo // P, -(-hi // P)  # frames the rows touch
     scale = default_scale(D) if scale is None else float(scale)
     if config is None:
         from lvsa.devices import compute_capability
@@ -522,7 +536,7 @@ def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
             tk.stride(0), tk.stride(1), tk.stride(2),
             tv.stride(0), tv.stride(1), tv.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            S, H, H // Hkv, P)
+            S, H, H // Hkv, P, f0, lo, hi)
     meta = dict(HEAD_DIM=D, BLOCK_N=bn, BLOCK_NT=tail_n, HAS_TEXT=has_text, MODE=MODES[mode],
                 num_stages=stages)
     # Query rows: full BLOCK_M tiles in the main launch; when P % BLOCK_M leaves a short
@@ -532,11 +546,11 @@ def block_sparse_attention(plan: TritonPlan, q, k, v, text_k=None, text_v=None,
     bm_tail = max(16, triton.next_power_of_2(rem)) if rem else 0
     if mode == "gather" or not full_tiles or not rem or bm_tail > bm // 2:
         full_tiles, bm_tail = triton.cdiv(P, bm), 0
-    _lvsa_fwd[(T * full_tiles, B * H)](*args, full_tiles, 0, L, scale * LOG2E, BLOCK_M=bm,
-                                       num_warps=warps, **meta)
+    _lvsa_fwd[((f1 - f0) * full_tiles, B * H)](*args, full_tiles, 0, L, scale * LOG2E, BLOCK_M=bm,
+                                               num_warps=warps, **meta)
     if bm_tail:
-        _lvsa_fwd[(T, B * H)](*args, 1, full_tiles * bm, L, scale * LOG2E, BLOCK_M=bm_tail,
-                              num_warps=4, **meta)
+        _lvsa_fwd[(f1 - f0, B * H)](*args, 1, full_tiles * bm, L, scale * LOG2E, BLOCK_M=bm_tail,
+                                    num_warps=4, **meta)
     return out
 
 
@@ -546,6 +560,7 @@ class TritonBackend(CudaBackend):
     name = "triton"
     requires = ("triton",)
     install_hint = "pip install lvsa-cuda"
+    supports_q_rows = True
     #: auto order on CUDA: after flashinfer (7-13 % faster at every T >= 41 on the H200),
     #: before the reference (1.23-1.30x faster at Wan 1.3B T81/T121/batch 2, 1.11x at
     #: HunyuanVideo T65+text; 3 % slower at Wan 14B T81 and near-dense masks)
@@ -558,7 +573,10 @@ class TritonBackend(CudaBackend):
         device = problem.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        return plan_for(mask, device)
+        plan = plan_for(mask, device)
+        if problem.q_rows is not None:
+            plan = dataclasses.replace(plan, q_rows=tuple(problem.q_rows))  # tile tables shared
+        return plan
 
     def run(self, plan, q, k, v, text_k=None, text_v=None, scale=None):
         with device_guard(q.device):
