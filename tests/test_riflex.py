@@ -288,3 +288,32 @@ def test_a_table_that_does_not_match_the_geometry_is_left_alone_loudly(fresh_plu
     assert out[0] is cos and out[1] is sin
     (w,) = rec.of("warning")
     assert "50 rows, not T_lat*P=25*4" in w["message"] and "unchanged" in w["message"]
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_under_lvsa_context_parallelism_ranks_get_the_single_process_latent(family, fresh_plugins):
+    # RIFLEx's hooks run before lvsa's split hooks, so every rank lowers the whole table
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from cp_harness import run_ranks
+
+    pipe = tiny.build(family)
+    kw = dict(LONG[family], num_inference_steps=1)
+    integrations.enable(pipe, riflex=True, reference_latent_frames=REF)
+    single = tiny.run_latent(pipe, family, **kw)
+    integrations.disable(pipe)
+
+    def case(rank, world):
+        integrations.enable(pipe, riflex=True, reference_latent_frames=REF, context_parallel="ulysses")
+        with tiny.EventRecorder() as rec:
+            out = tiny.run_latent(pipe, family, **kw)
+        return out, [e["message"] for e in rec.of("warning") if "riflex" in e["message"]], \
+            integrations.last_summary(pipe)["riflex"]
+
+    for r in run_ranks(case, 2):
+        assert r.finished and r.error is None, f"rank {r.rank}: {r.error}\n{r.traceback}"
+        out, warnings, rx = r.value
+        assert warnings == [] and rx["changed"] and rx["k"] == 1
+        torch.testing.assert_close(out, single, rtol=1e-5, atol=1e-5)
