@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The README's test command: set up, then run the whole suite on the CPU (Triton kernels
-# under TRITON_INTERPRET=1, checked mode on).
+# under TRITON_INTERPRET=1, checked mode on). A second run, in its own environment
+# (ci/vllm_omni_env.sh, cached), tests lvsa-vllm-omni against the real vllm-omni 0.30;
+# LVSA_SKIP_VLLM_OMNI=1 leaves it out (arguments given: only the first run, on them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/bootstrap.sh
 export LVSA_CHECK=1 TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest -q "$@"
+if [ "$#" -gt 0 ] || [ "${LVSA_SKIP_VLLM_OMNI:-0}" = "1" ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+.venv/bin/python -m pytest -q
+bash ci/vllm_omni_env.sh
+LVSA_VLLM_OMNI_ENV=1 .venv-vllm-omni/bin/python -m pytest -q tests/vllm_omni
