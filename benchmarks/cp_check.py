@@ -79,6 +79,13 @@ def compare(part, ref):
 
 
 def timed(fn, device, iters):
+    """Median of ``iters`` calls, every rank starting together: one untimed call and a
+    barrier first, so one rank's one-time work (a Triton kernel compiled for its row range,
+    a FlashInfer plan) is not timed as another rank's wait in the first collective."""
+    if iters and torch.distributed.is_initialized():
+        fn()
+        sync(device)
+        torch.distributed.barrier()
     ts = []
     for _ in range(iters):
         sync(device)
@@ -329,12 +336,13 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--tag", default=None)
-    ap.add_argument("--dist-timeout", type=float, default=600.0, help="seconds (LVSA_DIST_TIMEOUT)")
+    ap.add_argument("--dist-timeout", type=float, default=float(os.environ.get("LVSA_DIST_TIMEOUT", 300)),
+                    help="seconds a rank waits in a collective (LVSA_DIST_TIMEOUT; default %(default)s)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     if args.backends is None:
         args.backends = ["flashinfer", "triton", "reference"] if args.device == "cuda" else ["reference"]
-    os.environ.setdefault("LVSA_DIST_TIMEOUT", str(args.dist_timeout))
+    os.environ["LVSA_DIST_TIMEOUT"] = str(args.dist_timeout)
     os.environ.setdefault("LVSA_WARN_FALLBACK", "1")
     args.tag = args.tag or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     if parallel.env_world_size() < 2:
@@ -352,6 +360,8 @@ def main(argv=None):
                 "env": {k: v for k, v in os.environ.items() if k.startswith(("LVSA_", "NCCL_NVLS", "TORCH_SYMM"))}}
         log(f"cp_check: {world} ranks on {device.type} ({gpu}), {meta['dtype']}, backends {args.backends}")
         results = attention_cases(args, device, dtype, world)
+        if info.is_main:  # written now too: a later hang (timeout) keeps these results
+            write_report(args, results, meta)
         if args.transformer != "none":
             results += transformer_cases(args, device, dtype, world)
         ok = all(r.get("pass") for r in results if "skipped" not in r)

@@ -29,6 +29,8 @@ def build_parser():
     p.add_argument("--output-dir", default="outputs", help="directory (relative paths resolve against the cwd)")
     p.add_argument("--output-name", default="hunyuan", help="file name without extension")
     p.add_argument("--output-latent", action="store_true", help="save the denoised latent (.pt), skip decode")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (default: a numbered name such as out_2x-1.pt)")
     p.add_argument("--lvsa", action="store_true", help="use lvsa sparse attention (default: dense baseline)")
     b = p.add_mutually_exclusive_group()
     b.add_argument("--flashinfer", action="store_const", const="flashinfer", dest="backend",
@@ -48,6 +50,8 @@ def to_generate_argv(a) -> list:
                       ("--steps", a.steps)):
         if val is not None:
             argv += [flag, str(val)]
+    if a.overwrite:
+        argv.append("--overwrite")
     if not a.lvsa:
         argv.append("--no-lvsa")
     elif a.backend:

@@ -14,7 +14,7 @@ from typing import List, Optional
 from . import __version__
 
 #: subcommand modules under ``lvsa.commands``, in ``--help`` order
-COMMANDS = ("plan", "info", "generate", "doctor", "bench", "compare")
+COMMANDS = ("plan", "info", "generate", "decode", "doctor", "bench", "compare")
 
 
 # ----------------------------------------------------------------- main
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PLACEHOLDER_NAMES = {"generate": (("generate", "decode"), "diffusers")}
+#: command -> (names it registers, the extra it needs) for commands whose module cannot be imported
+_PLACEHOLDER_NAMES = {"generate": (("generate",), "diffusers"), "decode": (("decode",), "diffusers")}
 
 
 def _register(sub, name: str) -> None:

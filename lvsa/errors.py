@@ -52,3 +52,11 @@ class PlanTooLarge(LVSAError, ValueError):
 class ContextParallelError(LVSAError, RuntimeError):
     """A context-parallel run cannot go on: a split that does not divide, ranks that
     disagree, a rank that failed or never reached a collective."""
+
+
+class UserError(LVSAError, ValueError):
+    """Bad input to a command (a path, a flag, a file): printed as one line, exit code 2.
+
+    Raised before anything heavy is loaded or anything is written wherever the input
+    can be checked that early.
+    """

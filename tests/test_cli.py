@@ -93,3 +93,62 @@ def test_console_script_runs():
     r = subprocess.run([sys.executable, "-m", "lvsa", "plan", "--num-frames", "81", "--no-picture"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "DENSE (T_lat <= ref)" in r.stdout
+
+
+_BLOCK_DIFFUSERS = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "diffusers":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Blocker())
+from lvsa.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["generate", "--output", "x.mp4"], ["generate"], ["decode", "x.pt"]])
+def test_missing_diffusers_extra_says_how_to_install(argv, tmp_path):
+    """Without diffusers, generate/decode (with any options) explain the extra; others still work."""
+    r = subprocess.run([sys.executable, "-c", _BLOCK_DIFFUSERS, *argv], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "needs the diffusers extra" in r.stderr and "pip install 'lvsa[diffusers]'" in r.stderr
+    assert "unrecognized arguments" not in r.stderr and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+    ok = subprocess.run([sys.executable, "-c", _BLOCK_DIFFUSERS, "plan", "--no-picture"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["plan", "--num-frames", "0"], "--num-frames must be >= 1, got 0"),
+    (["plan", "--num-frames", "-3"], "--num-frames must be >= 1, got -3"),
+])
+def test_plan_rejects_impossible_geometry(capsys, argv, words):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2 and words in err and out == ""
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["info", "--head-dim", "0"], "--head-dim"),
+    (["info", "--head-dim", "-64"], "--head-dim"),
+    (["generate", "--seed", str(2 ** 64)], "--seed"),
+    (["generate", "--seed", "-1"], "--seed"),
+])
+def test_out_of_range_flags_are_usage_errors(capsys, argv, flag):
+    """`--seed` beyond torch's 64-bit range fails before anything loads (it used to fail after
+    loading with 'Overflow when unpacking long long'); `info --head-dim 0` is no problem size."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: expected" in err
+
+
+def test_largest_seed_is_accepted():
+    from lvsa.commands._args import MAX_SEED, seed_int
+
+    assert seed_int(str(MAX_SEED)) == MAX_SEED
+    import torch
+    torch.Generator("cpu").manual_seed(MAX_SEED)  # the bound is torch's own

@@ -94,7 +94,7 @@ def test_missing_extra_is_one_message(cwd, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--num-frames", "96"], "does not fit the VAE grid"),
+    (["--num-frames", "96"], "does not fit the VAE temporal grid"),
     (["--model", "tiny-nope"], "unknown tiny model"),
     (["--sparsity-scale", "0"], "sparsity_scale"),
 ])

@@ -18,3 +18,15 @@ def test_hunyuan_example_output_latent(tmp_path):
     data = torch.load(tmp_path / "benchmarks" / "out_2x.pt", weights_only=True)
     assert data["num_frames"] == 69 and data["latent"].dim() == 5
     assert "[LVSA] engaged (hunyuan)" in r.stderr
+
+
+def test_hunyuan_example_passes_overwrite_on():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hunyuan_generate",
+                                                  os.path.join(ROOT, "examples", "hunyuan_generate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    p = mod.build_parser()
+    assert "--overwrite" in mod.to_generate_argv(p.parse_args(["--overwrite", "--output-latent"]))
+    assert "--overwrite" not in mod.to_generate_argv(p.parse_args([]))

@@ -10,7 +10,8 @@ import torch
 
 import imageio  # noqa: E402
 
-from lvsa import generate, tiny  # noqa: E402
+from lvsa import container, outputs, tiny  # noqa: E402
+from lvsa.commands import _video  # noqa: E402
 from lvsa.cli import main  # noqa: E402
 
 SMALL = ["--height", "32", "--width", "32", "--steps", "2"]
@@ -56,7 +57,7 @@ def test_latent_round_trip_through_decode(cwd, capsys):
     data = torch.load(cwd / "lat.pt", weights_only=True)
     meta = data["metadata"]
     assert data["num_frames"] == meta["num_frames"] == 97
-    assert meta["format"] == generate.LATENT_FORMAT and meta["family"] == "wan" and meta["model"] == "tiny-wan"
+    assert meta["format"] == outputs.LATENT_FORMAT and meta["family"] == "wan" and meta["model"] == "tiny-wan"
     assert list(data["latent"].shape) == [1, 16, 25, 4, 4] and meta["latent_tokens"] == [25, 4]
     assert meta["lvsa"]["sparse_calls"] > 0
     assert f"latent:    {cwd / 'lat.pt'}" in capsys.readouterr().out
@@ -78,7 +79,7 @@ def test_decode_out_of_memory_keeps_the_latent(cwd, capsys, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(WanAdapter, "decode", oom)
-        assert main(["generate", *SMALL, "--output", "out/v.mp4"]) == generate.EXIT_DECODE_OOM
+        assert main(["generate", *SMALL, "--output", "out/v.mp4"]) == _video.EXIT_DECODE_OOM
     latent = cwd / "out" / "v.latent.pt"
     err = capsys.readouterr().err
     assert f"safe at {latent}" in err and f"lvsa decode {latent}" in err
@@ -102,7 +103,7 @@ def test_no_lvsa_baseline_equals_lvsa_at_or_below_reference(cwd, capsys):
     (["--model", "no/such/dir"], "no such directory"),
     (["--model", "."], "not a diffusers pipeline directory (no model_index.json"),
     (["--model", "tiny-sora"], "unknown tiny model"),
-    (["--num-frames", "50"], "--num-frames 50 does not fit the VAE grid: (F-1) must be divisible by 4"),
+    (["--num-frames", "50"], "--num-frames 50: num_frames=50 does not fit the VAE temporal grid: (F-1) must be a multiple of 4; use 49 or 53"),
     (["--height", "40"], "--height 40 is not divisible by 16 (VAE spatial factor 8 x patch size 2)"),
     (["--width", "72"], "--width 72 is not divisible by 16"),
     (["--output", "blocker/x.mp4"], "blocker is a file, not a directory"),
@@ -132,7 +133,7 @@ def test_model_directory(cwd, capsys):
     # a saved pipeline directory (CogVideoX: diffusers loads it without `accelerate`)
     tiny.build("cogvideox").save_pretrained(cwd / "cogmodel")
     assert main(["generate", "--model", "cogmodel", "--num-frames", "64"]) == 2
-    assert "--num-frames 64 does not fit" in capsys.readouterr().err
+    assert "--num-frames 64: num_frames=64 does not fit" in capsys.readouterr().err
     assert main(["generate", "--model", "cogmodel", *SMALL, "--num-frames", "65", "--output", "c.mp4"]) == 0
     out = capsys.readouterr()
     assert "[LVSA] engaged (cogvideox): T_lat=17 P=4" in out.err and "-> SPARSE" in out.err
@@ -159,16 +160,16 @@ MOUNTINFO = """\
 
 def test_container_output_path_check(tmp_path):
     root = _fake_root(tmp_path, MOUNTINFO)
-    w = generate.container_path_warning("/home/me/out.mp4", "/home/me/out.mp4", root=root)
+    w = container.container_path_warning("/home/me/out.mp4", "/home/me/out.mp4", root=root)
     assert w and "/.dockerenv" in w and "not on a bind mount" in w
     assert "-w /workdir/code" in w and "--output outputs/out.mp4" in w
-    assert generate.container_path_warning("/tmp/x.mp4", "/tmp/x.mp4", root=root)  # tmpfs dies with the container
-    assert generate.container_path_warning("/workdir/code/o/x.mp4", "/workdir/code/o/x.mp4", root=root) is None
-    assert generate.container_path_warning("o/x.mp4", "/anywhere/o/x.mp4", root=root) is None  # relative: fine
+    assert container.container_path_warning("/tmp/x.mp4", "/tmp/x.mp4", root=root)  # tmpfs dies with the container
+    assert container.container_path_warning("/workdir/code/o/x.mp4", "/workdir/code/o/x.mp4", root=root) is None
+    assert container.container_path_warning("o/x.mp4", "/anywhere/o/x.mp4", root=root) is None  # relative: fine
     no_docker = _fake_root(tmp_path / "host", "27 1 8:1 / / rw - ext4 /dev/sda1 rw\n", dockerenv=False)
-    assert generate.container_path_warning("/home/me/out.mp4", "/home/me/out.mp4", root=no_docker) is None
+    assert container.container_path_warning("/home/me/out.mp4", "/home/me/out.mp4", root=no_docker) is None
     overlay_only = _fake_root(tmp_path / "podman", MOUNTINFO, dockerenv=False)
-    assert "overlay" in generate.container_evidence(overlay_only)
+    assert "overlay" in container.container_evidence(overlay_only)
 
 
 def test_help_is_complete(capsys):
@@ -220,11 +221,12 @@ def test_decode_failure_names_the_kept_latent(cwd, capsys, monkeypatch):
     from lvsa.integrations.wan import WanAdapter
 
     def broken(self, pipe, latents, num_frames=None):
-        raise KeyboardInterrupt
+        raise RuntimeError("a VAE bug")
 
     monkeypatch.setattr(WanAdapter, "decode", broken)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError):
         main(["generate", *SMALL, "--output", "out/v.mp4"])
     latent = cwd / "out" / "v.latent.pt"
-    assert latent.exists()
-    assert f"the denoised latent is kept at {latent}" in capsys.readouterr().err
+    assert latent.exists() and _tree(cwd) == ["out/v.latent.pt"]
+    err = capsys.readouterr().err
+    assert f"the denoised latent is kept at {latent}" in err and f"lvsa decode {latent} --output" in err

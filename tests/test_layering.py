@@ -16,15 +16,15 @@ ROOT = Path(__file__).resolve().parents[1] / "lvsa"
 LAYERS = {
     "data": ["lvsa._version", "lvsa.errors", "lvsa.events", "lvsa.geometry", "lvsa.mask", "lvsa.presets",
              "lvsa.schedule", "lvsa.config", "lvsa.devices", "lvsa.npu_smi", "lvsa.ops",
-             "lvsa.hookspecs", "lvsa.backend"],
+             "lvsa.hookspecs", "lvsa.backend", "lvsa.container"],
     "mechanisms": ["lvsa.backends", "lvsa.backends.reference", "lvsa.sink", "lvsa.plugins",
                    "lvsa.telemetry", "lvsa.dispatch", "lvsa.api"],
     "runtime": ["lvsa.engine", "lvsa.parallel"],
     "integrations": ["lvsa.integrations", "lvsa.integrations.base", "lvsa.integrations.wan",
                      "lvsa.integrations.hunyuan", "lvsa.integrations.cogvideox",
-                     "lvsa.integrations.registry", "lvsa.tiny"],
+                     "lvsa.integrations.registry", "lvsa.tiny", "lvsa.models", "lvsa.outputs"],
     # a package name covers its submodules (lvsa.commands.*, lvsa.doctor.*, lvsa.bench.*, ...)
-    "commands": ["lvsa.cli", "lvsa.__main__", "lvsa.commands", "lvsa.generate", "lvsa.testing",
+    "commands": ["lvsa.cli", "lvsa.__main__", "lvsa.commands", "lvsa.testing",
                  "lvsa.doctor", "lvsa.bench"],
 }
 ORDER = ["data", "mechanisms", "runtime", "integrations", "commands"]

@@ -24,7 +24,8 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from .. import generate as _gen  # ImportError without the diffusers extra (cli.py explains)
+from . import _video as V  # ImportError without the diffusers extra (cli.py explains)
+from ..errors import UserError
 
 NAMES = ("compare",)
 EXTRA = "compare"
@@ -61,19 +62,19 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="a red fox running through fresh snow, cinematic",
                    help="text prompt (default: %(default)r)")
     g.add_argument("--negative-prompt", default=None, metavar="TEXT", help="negative prompt (pipeline default)")
-    g.add_argument("--num-frames", type=_gen._positive_int, default=None, metavar="F",
+    g.add_argument("--num-frames", type=V.positive_int, default=None, metavar="F",
                    help="video frames (default: the pipeline's; 97 / 145 / 65 for the tiny models)")
-    g.add_argument("--height", type=_gen._positive_int, default=None, metavar="H", help="pixels")
-    g.add_argument("--width", type=_gen._positive_int, default=None, metavar="W", help="pixels")
-    g.add_argument("--steps", type=_gen._positive_int, default=None, metavar="N", help="denoising steps")
+    g.add_argument("--height", type=V.positive_int, default=None, metavar="H", help="pixels")
+    g.add_argument("--width", type=V.positive_int, default=None, metavar="W", help="pixels")
+    g.add_argument("--steps", type=V.positive_int, default=None, metavar="N", help="denoising steps")
     g.add_argument("--guidance-scale", type=float, default=None, metavar="G", help="CFG scale")
-    g.add_argument("--seed", type=_gen._nonneg_int, default=0, help="random seed (default: %(default)s)")
-    g.add_argument("--fps", type=_gen._positive_int, default=None, help="frames per second of compare.mp4")
-    _gen._add_device_args(g)
+    g.add_argument("--seed", type=V.seed_int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--fps", type=V.positive_int, default=None, help="frames per second of compare.mp4")
+    V.add_device_args(g)
     s = p.add_argument_group("lvsa (flags beat LVSA_* variables)")
     s.add_argument("--backend", default=None, metavar="NAME", help="attention backend (default: automatic)")
     s.add_argument("--sparsity-scale", type=float, default=None, metavar="X", help="multiplier on the budget")
-    s.add_argument("--reference-latent-frames", type=_gen._positive_int, default=None, metavar="N",
+    s.add_argument("--reference-latent-frames", type=V.positive_int, default=None, metavar="N",
                    help="training horizon in latent frames (default: the model's own)")
     s.add_argument("--riflex", action="store_true", help="a third run: lvsa + RIFLEx")
     o = p.add_argument_group("outputs")
@@ -91,7 +92,7 @@ def require_extra() -> None:
     """The compare extra (torchmetrics, matplotlib) or one message saying how to get it."""
     missing = [m for m in ("torchmetrics", "matplotlib") if importlib.util.find_spec(m) is None]
     if missing:
-        raise _gen.UserError(f"needs {' and '.join(missing)}: pip install 'lvsa[compare]'")
+        raise UserError(f"needs {' and '.join(missing)}: pip install 'lvsa[compare]'")
 
 
 def _ssim_window(h: int, w: int):
@@ -242,9 +243,9 @@ def _json_safe(x):
 def run_compare(args) -> int:
     try:
         return _compare(args)
-    except _gen.UserError as e:
-        _gen._err("compare", str(e))
-        return _gen.EXIT_BAD_INPUT
+    except UserError as e:
+        V.err("compare", str(e))
+        return V.EXIT_BAD_INPUT
 
 
 def _settings(args) -> Dict[str, Any]:
@@ -256,7 +257,10 @@ def _settings(args) -> Dict[str, Any]:
 def _compare(args) -> int:
     t_start = time.perf_counter()
     require_extra()
-    spec = _gen.resolve_model(args.model)
+    from ..models import check_geometry, device_and_dtype, load_pipeline, model_factors, resolve_model
+    from ..outputs import Outputs, resolve_output_path, save_latent, write_mp4
+
+    spec = resolve_model(args.model)
     from ..config import Config
     from ..tiny import TINY_CALL_KWARGS, TINY_DEFAULTS
 
@@ -272,19 +276,19 @@ def _compare(args) -> int:
             from ..plugins import get_backend
             get_backend(args.backend)
     except ValueError as e:
-        raise _gen.UserError(str(e)) from None
-    factors = _gen.model_factors(spec)
-    _gen.check_geometry(num_frames, height, width, factors)
+        raise UserError(str(e)) from None
+    factors = model_factors(spec)
+    check_geometry(num_frames, height, width, factors)
     frames_tag = f"{num_frames}f" if num_frames else "default"
     out_dir = os.path.abspath(os.path.expanduser(args.output_dir or os.path.join(
         "outputs", f"compare-{spec.name}-{frames_tag}")))
-    mp4_path = _gen.resolve_output_path(os.path.join(out_dir, "compare.mp4"), "--output-dir", ".mp4")
+    mp4_path = resolve_output_path(os.path.join(out_dir, "compare.mp4"), "--output-dir", ".mp4")
     png_path = os.path.join(out_dir, "metrics.png")
     json_path = os.path.join(out_dir, "summary.json")
     latents_path = os.path.join(out_dir, "latents.pt")
-    device, dtype = _gen._device_and_dtype(args, spec.tiny)
+    device, dtype = device_and_dtype(args.device, args.dtype, spec.tiny)
     if spec.tiny:
-        _gen._note("compare", f"{spec.name} is a built-in tiny model with random weights: the videos are noise "
+        V.note("compare", f"{spec.name} is a built-in tiny model with random weights: the videos are noise "
                               "and the metrics only show the comparison works. Quality claims need a real "
                               "checkpoint: --model /path/to/a/diffusers/pipeline/directory.")
 
@@ -294,7 +298,7 @@ def _compare(args) -> int:
     from ..integrations import adapter_for_family
 
     adapter = adapter_for_family(spec.family)
-    pipe = _gen.load_pipeline(spec, device, dtype)
+    pipe = load_pipeline(spec, device, dtype)
     if args.vae_tiling and hasattr(pipe.vae, "enable_tiling"):
         pipe.vae.enable_tiling()
     pipe.set_progress_bar_config(leave=False)
@@ -323,15 +327,15 @@ def _compare(args) -> int:
             try:
                 integrations.enable(pipe, **run_settings)
             except ValueError as e:
-                raise _gen.UserError(str(e)) from None
-        _gen._note("compare", f"run {name}: denoising")
+                raise UserError(str(e)) from None
+        V.note("compare", f"run {name}: denoising")
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 res = pipe(prompt=args.prompt, generator=torch.Generator("cpu").manual_seed(args.seed),
                            output_type="latent", **call)
         except BackendUnavailable as e:
-            raise _gen.UserError(str(e)) from None
+            raise UserError(str(e)) from None
         latent = (res.frames if hasattr(res, "frames") else res[0]).detach().to("cpu")
         t_denoise = time.perf_counter() - t0
         summary = integrations.last_summary(pipe)
@@ -340,15 +344,18 @@ def _compare(args) -> int:
         latents[name] = latent
     integrations.disable(pipe)
     # the denoised latents first (the costly part): a failing decode loses none of them
-    _gen.save_latent_atomic(latents_path, {"format": "lvsa-compare-latents/1", "latents": latents,
-                                           "num_frames": num_frames, "family": spec.family, "runs": info})
+    outs = Outputs(overwrite=True, cmd="compare")  # the command's own directory: a rerun replaces
+    tmp = outs.stage(latents_path)
+    save_latent(tmp, {"format": "lvsa-compare-latents/1", "latents": latents, "num_frames": num_frames,
+                      "family": spec.family, "runs": info})
+    outs.place(tmp)
     for name in latents:
         t1 = time.perf_counter()
         try:
             with torch.no_grad():
                 videos[name] = adapter.decode(pipe, latents[name], num_frames=num_frames)
         except BaseException:
-            _gen._err("compare", f"the VAE decode of run {name} failed; the denoised latents of every run are "
+            V.err("compare", f"the VAE decode of run {name} failed; the denoised latents of every run are "
                                  f"kept in {latents_path} (torch.load; --vae-tiling uses less memory)")
             raise
         info[name]["decode_s"] = round(time.perf_counter() - t1, 3)
@@ -365,7 +372,12 @@ def _compare(args) -> int:
     # ---- outputs
     fps = args.fps or adapter.fps
     names = [n for n, _ in runs]
-    _gen.write_mp4_atomic(mp4_path, side_by_side([videos[n] for n in names], names), fps)
+    tmp = outs.stage(mp4_path)
+    try:
+        write_mp4(tmp, side_by_side([videos[n] for n in names], names), fps)
+        outs.place(tmp)
+    finally:
+        outs.discard_all()
     title = (f"{spec.name}: {num_frames or 'default'} frames, T_lat={T_lat}, reference={ref}, seed {args.seed}"
              + (" (tiny model, random weights: noise)" if spec.tiny else ""))
     plot_metrics(png_path, results, ref_video, ref_latent, title)

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from .. import __version__
+from ._args import positive_int
 
 
 # ------------------------------------------------------------------ info
@@ -18,7 +19,7 @@ def register(sub):
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the typical problem the reasons are given for")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim of the typical problem")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="head dim of the typical problem")
     p.add_argument("--presets", action="store_true", help="also list the model presets")
     p.add_argument("--vars", action="store_true", help="also list every LVSA_* variable with its default")
     p.set_defaults(func=cmd_info)

@@ -47,7 +47,8 @@ def _plan_inputs(args):
     from ..config import Config
     from ..schedule import get_preset, latent_frames, patches_per_frame
 
-    for flag, val, lo in (("--patches-per-frame", args.patches_per_frame, 1), ("--latent-frames", args.latent_frames, 1),
+    for flag, val, lo in (("--num-frames", args.num_frames, 1),
+                          ("--patches-per-frame", args.patches_per_frame, 1), ("--latent-frames", args.latent_frames, 1),
                           ("--text-tokens", args.text_tokens, 0), ("--step", args.step, 0),
                           ("--steps", args.steps, 0), ("--world-size", args.world_size, 1),
                           ("--height", args.height, 1), ("--width", args.width, 1)):
@@ -70,11 +71,13 @@ def _plan_inputs(args):
     if args.latent_frames is not None:
         T = args.latent_frames
     else:
-        T = latent_frames(args.num_frames or preset.default_num_frames, cfg.vae_temporal_factor)
-    if args.patches_per_frame:
+        T = latent_frames(preset.default_num_frames if args.num_frames is None else args.num_frames,
+                          cfg.vae_temporal_factor)
+    if args.patches_per_frame is not None:
         P = args.patches_per_frame
     else:
-        P = patches_per_frame(args.height or preset.default_height, args.width or preset.default_width,
+        P = patches_per_frame(preset.default_height if args.height is None else args.height,
+                              preset.default_width if args.width is None else args.width,
                               preset.vae_spatial_factor, preset.patch_size)
     text = preset.text_tokens if args.text_tokens is None else args.text_tokens
     return preset, cfg, T, P, text

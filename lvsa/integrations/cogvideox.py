@@ -164,7 +164,8 @@ class CogVideoXAdapter(Adapter):
         if num_frames:
             # CogVideoX 1.5 (patch_size_t > 1) pads the latent in front to a multiple of
             # patch_size_t and drops the padding only when it decodes itself: do the same
-            extra = latents.shape[1] - self.pipe_factors(pipe).latent_frames(num_frames)
+            # (the VAE's temporal factor only: `lvsa decode` loads no transformer)
+            extra = latents.shape[1] - self.factors(pipe.vae.config, None).latent_frames(num_frames)
             if extra > 0:
                 latents = latents[:, extra:]
         latents = latents.to(device=next(pipe.vae.parameters()).device, dtype=pipe.vae.dtype)

@@ -248,7 +248,9 @@ if triton is not None:
                                     pos < L, qk_scale, True)
         return acc, m_i, l_i
 
-    @triton.jit
+    # the row range of a sequence-parallel rank is a plain runtime value: one compiled
+    # kernel serves every rank and the whole-sequence launch (no per-range variant)
+    @triton.jit(do_not_specialize=["F0", "LO", "HI"])
     def _lvsa_fwd(Q, K, V, TK, TV, O, KD, VD, indptr, indices,
                   tile_ptr, tile_nfull, tile_tok, tile_len,
                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh,

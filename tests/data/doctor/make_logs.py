@@ -87,13 +87,8 @@ def _fake_decode(self, pipe, latents, num_frames=None):
 @contextlib.contextmanager
 def _simulation(kind: Optional[str]):
     """Patch the one decision point of a simulated failure; restore it after."""
-    import importlib
-
-    import lvsa.generate
+    import lvsa.container as gen  # the module that owns the container check
     from lvsa.integrations.registry import adapter_for_family
-
-    # the module that owns the container check (wherever lvsa keeps it)
-    gen = importlib.import_module(lvsa.generate.container_path_warning.__module__)
 
     saved: List[Tuple[object, str, object]] = []
 
