@@ -14,7 +14,7 @@ from typing import List, Optional
 from . import __version__
 
 #: subcommand modules under ``lvsa.commands``, in ``--help`` order
-COMMANDS = ("plan", "info", "generate", "decode", "doctor", "bench", "warmup")
+COMMANDS = ("plan", "info", "generate", "decode", "doctor", "bench", "compare", "warmup")
 
 
 # ----------------------------------------------------------------- main

@@ -213,6 +213,10 @@ class Config:
     schedule_end: float = _f(0.0, _p_nonneg_float, "LVSA_SCHEDULE_END", "deprecated: use LVSA_SPARSITY_SCALE")
     check: bool = _f(False, _p_bool, "LVSA_CHECK", "validate inputs (finite values) on every call")
     strict: bool = _f(False, _p_bool, "LVSA_STRICT", "re-raise backend errors instead of falling back")
+    riflex: bool = _f(False, _p_bool, "LVSA_RIFLEX",
+                      "RIFLEx: past the reference, lower the intrinsic temporal RoPE frequency")
+    riflex_k: Optional[int] = _f(None, _p_opt_int(1), "LVSA_RIFLEX_K",
+                                 "RIFLEx component (1-based); auto = first whose period spans the reference")
     wan_hook: bool = _f(True, _p_bool, "LVSA_WAN_HOOK",
                         "accepted for compatibility: under context parallelism lvsa installs its "
                         "own split/gather hooks for Wan (no diffusers _cp_plan needed)")

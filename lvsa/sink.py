@@ -114,6 +114,12 @@ class DefaultSink:
                         "`lvsa warmup` builds it ahead)")
         elif k == "compiled":
             self._print(f"[LVSA] {f['backend']} for {f['shape']} compiled in {f['seconds']:.1f}s")
+        elif k == "riflex":  # once per generation (lvsa.integrations.riflex)
+            note = ("" if f["changed"] else
+                    " (unchanged: T_lat <= reference)" if f["T"] <= f["reference"] else
+                    " (unchanged: the period already covers T_lat)")
+            self._print(f"[LVSA] riflex k={f['k']} period {f['period']:.1f}->{f['new_period']:.1f} latent frames "
+                        f"(reference={f['reference']} T_lat={f['T']}){note}")
         elif k == "mask":
             self._print(f"[LVSA-MASK] step={f['step']} offset={f['offset']} sparsity={f['sparsity']:.3f}\n"
                         + f["picture"])

@@ -96,6 +96,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--reference-latent-frames", type=V.positive_int, default=None, metavar="N",
                    help="the model's training horizon in latent frames (default: the model's own: 21 Wan, "
                         "33 HunyuanVideo 1.5, 13 CogVideoX); a different value is warned about")
+    s.add_argument("--riflex", action="store_true",
+                   help="RIFLEx: past the training horizon, lower the one temporal RoPE frequency that would "
+                        "repeat inside the clip (against the video looping; LVSA_RIFLEX=1)")
     s.add_argument("--context-parallel", default=None, choices=["auto", "ulysses", "sequence", "off"],
                    help="under torchrun: split one generation over the ranks (default auto: ulysses when "
                         "the heads divide by the world size, else sequence; LVSA_CONTEXT_PARALLEL)")
@@ -140,7 +143,7 @@ class Job:
 
 def _settings(args) -> Dict[str, Any]:
     s = {"backend": args.backend, "sparsity_scale": args.sparsity_scale,
-         "reference_latent_frames": args.reference_latent_frames,
+         "reference_latent_frames": args.reference_latent_frames, "riflex": args.riflex or None,
          "context_parallel": getattr(args, "context_parallel", None)}
     return {k: v for k, v in s.items() if v is not None}
 

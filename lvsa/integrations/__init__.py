@@ -33,7 +33,8 @@ def enable(pipe, **settings):
         image-to-video siblings), or a bare ``*Transformer3DModel``.
     **settings
         Any :class:`lvsa.Config` field (``sparsity_scale=0.8``, ``backend="triton"``,
-        ``reference_latent_frames=21``, ``window_size=16`` …). Precedence: these keyword
+        ``reference_latent_frames=21``, ``window_size=16``, ``riflex=True`` for RIFLEx, see
+        :mod:`lvsa.integrations.riflex` …). Precedence: these keyword
         arguments > ``LVSA_CONFIG`` > ``LVSA_*`` > defaults. Geometry (tokens per frame,
         latent frames) and the reference horizon come from the pipeline at call time
         unless set here or through ``LVSA_*``.

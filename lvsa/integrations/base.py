@@ -178,6 +178,7 @@ class LVSAState:
         self.original_class = original_class
         self.originals: List[Tuple[Any, Any]] = []  # (attention module, original processor)
         self.hooks: List[Any] = []
+        self.riflex = None  # lvsa.integrations.riflex.Riflex when riflex=True
         self.last_summary: Optional[Dict[str, Any]] = None
         self.geometry_pending = False
         self._lock = threading.RLock()
@@ -199,6 +200,9 @@ class LVSAState:
                 mod.set_processor(proc)
                 self.originals.append((mod, orig))
             self.hooks.append(tr.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            if self.engine.config.riflex:  # before the context-parallel split: RIFLEx sees whole tables
+                from .riflex import install as install_riflex
+                self.hooks.extend(install_riflex(self, tr))
             if own_cp:  # diffusers' enable_parallelism already splits: its group is used instead
                 from ..parallel import install_hooks
                 self.hooks.extend(install_hooks(tr, self.adapter.cp_plan, cp))
@@ -288,6 +292,8 @@ class LVSAState:
                     self.engine.fallback("pipeline", "lvsa_not_called", 0,
                                          fix="no attention call reached lvsa in this generation")
                     self.last_summary = self.engine.end_generation()
+                if self.riflex is not None:
+                    self.last_summary["riflex"] = self.riflex.summary()
         finally:
             with self._lock:
                 self._depth -= 1
