@@ -73,6 +73,17 @@ def _resolve(arg: str, what: str, FAMILIES) -> ModelSpec:
     return ModelSpec(os.path.basename(path.rstrip(os.sep)) or path, PIPELINE_FAMILIES[cls], path, cls)
 
 
+def call_sizes(spec: ModelSpec, args):
+    """``(num_frames, height, width, steps)``: the flags given, else the tiny model's defaults
+    (``None`` for a real model: its pipeline's own defaults apply)."""
+    from .tiny import TINY_DEFAULTS
+
+    tiny = TINY_DEFAULTS[spec.family] if spec.tiny else {}
+    return tuple(getattr(args, a) if getattr(args, a) is not None else tiny.get(k)
+                 for a, k in (("num_frames", "num_frames"), ("height", "height"),
+                              ("width", "width"), ("steps", "num_inference_steps")))
+
+
 def read_json(path: str) -> Dict[str, Any]:
     try:
         with open(path) as fh:

@@ -257,18 +257,15 @@ def _settings(args) -> Dict[str, Any]:
 def _compare(args) -> int:
     t_start = time.perf_counter()
     require_extra()
-    from ..models import check_geometry, device_and_dtype, load_pipeline, model_factors, resolve_model
+    from ..models import (call_sizes, check_geometry, device_and_dtype, load_pipeline, model_factors,
+                          resolve_model)
     from ..outputs import Outputs, resolve_output_path, save_latent, write_mp4
 
     spec = resolve_model(args.model)
     from ..config import Config
-    from ..tiny import TINY_CALL_KWARGS, TINY_DEFAULTS
+    from ..tiny import TINY_CALL_KWARGS
 
-    tiny_defaults = TINY_DEFAULTS[spec.family] if spec.tiny else {}
-    num_frames = args.num_frames if args.num_frames is not None else tiny_defaults.get("num_frames")
-    height = args.height if args.height is not None else tiny_defaults.get("height")
-    width = args.width if args.width is not None else tiny_defaults.get("width")
-    steps = args.steps if args.steps is not None else tiny_defaults.get("num_inference_steps")
+    num_frames, height, width, steps = call_sizes(spec, args)
     settings = _settings(args)
     try:
         Config.load(**settings)

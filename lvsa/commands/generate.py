@@ -183,17 +183,12 @@ def generate(args, state: "V.RunState", dist=None) -> int:
 def prepare(args, dist=None) -> Job:
     """Every check before anything heavy or anything written."""
     from ..container import container_path_warning
-    from ..models import check_geometry, device_and_dtype, model_factors, resolve_model
+    from ..models import call_sizes, check_geometry, device_and_dtype, model_factors, resolve_model
     from ..outputs import resolve_output_path
-    from ..tiny import TINY_DEFAULTS
 
     t_start = time.perf_counter()
     spec = resolve_model(args.model)
-    tiny_defaults = TINY_DEFAULTS[spec.family] if spec.tiny else {}
-    num_frames = args.num_frames if args.num_frames is not None else tiny_defaults.get("num_frames")
-    height = args.height if args.height is not None else tiny_defaults.get("height")
-    width = args.width if args.width is not None else tiny_defaults.get("width")
-    steps = args.steps if args.steps is not None else tiny_defaults.get("num_inference_steps")
+    num_frames, height, width, steps = call_sizes(spec, args)
 
     settings = _settings(args)
     config = None
