@@ -357,3 +357,24 @@ def test_a_failing_rule_does_not_hide_the_others(monkeypatch):
     assert [f.id for f in d.problems] == ["no-t-lat"]
     err = next(f for f in d.findings if f.id == "doctor-rule-error")
     assert "motion-quality" in err.symptom and "rule bug" in err.cause
+
+
+def test_the_vllm_omni_plugins_own_lines():
+    """Every fallback line lvsa-vllm-omni prints gets a cause of its own, not 'unknown reason'."""
+    tail = " -- falling back to DENSE attention (set LVSA_WARN_FALLBACK=0 to silence)"
+    lines = [
+        "[LVSA-FALLBACK] origin=lvsa_vllm_omni.register reason=vllm_omni_version seq_len=- found=0.31.0 "
+        "supported=>=0.30,<0.31",
+        "[LVSA-FALLBACK] origin=forward_cuda reason=no_geometry seq_len=101656 why=video_spans=0",
+        "[LVSA-FALLBACK] origin=ring_attention reason=ring_parallel seq_len=126360",
+        "[LVSA-FALLBACK] origin=forward_cuda reason=kv_length_mismatch seq_len=63180 kv_len=126360",
+        "[LVSA-FALLBACK] origin=forward_npu reason=unsupported_metadata seq_len=63180 field=query_ranges",
+    ]
+    d = diagnose_text("\n".join(line + tail for line in lines) + "\n")
+    causes = {f.id: f.cause for f in d.findings}
+    for reason in ("vllm-omni-version", "no-geometry", "ring-parallel", "kv-length-mismatch",
+                   "unsupported-metadata"):
+        assert f"fallback-{reason}" in causes, sorted(causes)
+        assert "does not know" not in causes[f"fallback-{reason}"]
+    assert "Ulysses" in _fix(d, "fallback-ring-parallel")
+    assert "query_ranges" in causes["fallback-unsupported-metadata"]

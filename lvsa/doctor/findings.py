@@ -433,11 +433,13 @@ OTHER_REASONS: Dict[str, Tuple[str, List[str]]] = {
                       ["lvsa info                      # which backends can run here, and why not",
                        "LVSA_STRICT=1 <your command>   # re-raise instead of falling back, for the full traceback",
                        "export LVSA_BACKEND=reference  # or pick a backend that works, until it is fixed"]),
-    "context_parallel": ("the transformer runs with context (sequence) parallelism; this lvsa integration hands "
-                         "a sharded sequence to the original attention processor (dense) rather than guess "
-                         "frames from a shard.",
-                         ["# run the generation without context parallelism (one GPU per request), or",
-                          "# use a version of lvsa with context-parallel support (lvsa info shows the version)"]),
+    "context_parallel": ("the transformer runs with a diffusers context-parallel mode lvsa does not split "
+                         "exactly (ring, or *_anything); lvsa handed those calls to the original processor "
+                         "(dense). Ulysses (diffusers' ulysses_degree, or lvsa's own) stays sparse.",
+                         ["# let lvsa split the sequence itself (exact, sparse on every rank):",
+                          "torchrun --nproc-per-node N -m lvsa generate ... --context-parallel auto",
+                          "# or in Python: lvsa.enable(pipe, context_parallel='auto'), or diffusers'",
+                          "#   ContextParallelConfig(ulysses_degree=N) instead of ring_degree"]),
     "attention_mask": ("the call carried an explicit attention mask, which the sparse path does not model; it "
                        "ran through the model's own (dense) processor.",
                        ["# expected for masked calls; if every call has a mask, report it with the model name"]),
@@ -457,6 +459,18 @@ OTHER_REASONS: Dict[str, Tuple[str, List[str]]] = {
     "no_geometry": ("the vllm-omni plugin got no latent grid or step for this model, so it ran dense.",
                     ["pip install -U lvsa-vllm-omni   # geometry is published for Wan and HunyuanVideo 1.5",
                      f"vllm serve MODEL --omni --diffusion-attention-config {PER_ROLE_CONFIG}"]),
+    "ring_parallel": ("vllm-omni's ring sequence parallelism never calls an attention backend, so the LVSA "
+                      "layers ran vllm-omni's dense ring kernel.",
+                      ["# use Ulysses sequence parallelism instead of ring (each rank then sees the whole",
+                       "# sequence for its heads and lvsa stays sparse): set the ulysses degree, not the ring degree"]),
+    "kv_length_mismatch": ("the keys were longer or shorter than the queries (vllm-omni's all-gather-KV "
+                           "sequence parallelism), which the LVSA plugin runs dense.",
+                           ["# use Ulysses sequence parallelism for the LVSA layers"]),
+    "causal": ("a causal attention call reached the LVSA backend; lvsa's mask is bidirectional, so it ran "
+               "dense.", ["# expected only for models that are not video diffusion transformers"]),
+    "unsupported_metadata": ("vllm-omni passed attention metadata the LVSA plugin does not model ({field}); "
+                             "it ran dense.",
+                             ["pip show vllm-omni lvsa-vllm-omni   # report it with both versions"]),
     "vllm_omni_version": ("the installed vllm-omni version is not one the lvsa plugin supports; it stayed out "
                           "of the way (dense).",
                           ["pip install 'vllm-omni>=0.30,<0.31'", "pip show vllm-omni lvsa-vllm-omni"]),
