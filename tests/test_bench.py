@@ -172,14 +172,6 @@ def test_full_size_specs_build_the_released_model_sizes():
         assert sum(p.numel() for p in tr.parameters()) == pytest.approx(n, rel=0.01), name
 
 
-def test_world_size_without_context_parallelism_is_a_clear_error(monkeypatch, capsys):
-    from lvsa.bench import model as bm
-
-    monkeypatch.setattr(bm, "_cp_available", lambda: "this lvsa has no context parallelism yet (test)")
-    assert main(["bench", "model", "--quick", "--world-size", "2"]) == 2
-    assert "no context parallelism yet" in capsys.readouterr().err
-
-
 def test_model_dir_reads_a_local_checkpoint_config(tmp_path):
     from lvsa.bench.specs import SPECS, spec_from_dir
 
@@ -342,12 +334,6 @@ def test_region_timer_counts_outermost_calls_once():
 
 
 # ------------------------------------------------------------------ multi-GPU
-def _cp_missing():
-    from lvsa.bench.model import _cp_available
-    return _cp_available()
-
-
-@pytest.mark.skipif(_cp_missing() is not None, reason="needs lvsa's context parallelism (issue 11) on this branch")
 def test_world_size_two_on_gloo(tmp_path):
     """`--world-size 2` re-launches under torchrun; on the CPU the ranks talk over gloo:
     lvsa with context parallelism, diffusers' Ulysses as Wan's dense baseline, the 1-rank

@@ -717,10 +717,6 @@ def main(args) -> int:
     if args.world_size and args.world_size > 1 and world_env == 1:
         return _relaunch_under_torchrun(args)
     if world_env > 1:
-        why = _cp_available()
-        if why:
-            print(f"lvsa bench model: {why}", file=sys.stderr)
-            return 2
         from .. import parallel
 
         kind = torch.device(args.device).type if args.device else None
@@ -906,23 +902,7 @@ def _load_single_gpu(path: str) -> Dict[Tuple[str, int, int], Dict[str, float]]:
 
 
 # ---------------------------------------------------------------- distributed
-def _cp_available() -> Optional[str]:
-    """``None`` when this lvsa has context parallelism (issue 11), else why not."""
-    import dataclasses
-
-    from ..config import Config
-
-    if "context_parallel" not in {f.name for f in dataclasses.fields(Config)}:
-        return ("this lvsa has no context parallelism yet (lvsa.enable(..., context_parallel=...) is "
-                "not available): `lvsa bench model --world-size N` needs it")
-    return None
-
-
 def _relaunch_under_torchrun(args) -> int:
-    why = _cp_available()
-    if why:
-        print(f"lvsa bench model: {why}", file=sys.stderr)
-        return 2
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.world_size}",
