@@ -42,9 +42,7 @@ def attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale: Optiona
         raise LVSAInputError(
             f"mask must be a lvsa.BlockMask, got {type(mask).__name__}: plan one with "
             "lvsa.plan_schedule(T, W, n, reference).mask_for_step(step) (or lvsa.dense_mask(T))")
-    from .dispatch import check_environment, run_attention  # lazy: pluggy loads on first use
-
-    check_environment()
+    from .dispatch import run_attention  # lazy: pluggy loads on first use
 
     out, _, _ = run_attention(q, k, v, mask, text_k, text_v, scale, backend=backend,
                               config=config, origin="lvsa.attention", q_rows=q_rows)

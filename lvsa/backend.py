@@ -274,8 +274,10 @@ class Backend:
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             with open(marker, "w") as fh:
                 fh.write(f"{self.distribution} {self.distribution_version}\n")
-        except OSError:
-            pass
+        except OSError as e:  # the run goes on; the next process will compile (and say so) again
+            import warnings
+            warnings.warn(f"lvsa: cannot write the compile marker {marker} ({e}): {self.name} will be "
+                          "treated as not compiled in the next process", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------- execution
     def plan(self, mask: BlockMask, problem: Problem) -> Any:

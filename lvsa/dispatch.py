@@ -146,7 +146,9 @@ def compile_ready(backend, problem: Problem) -> bool:
         return True
     try:
         return backend.compile_cached(problem) is True
-    except Exception:  # noqa: BLE001 - a cache probe must not break selection
+    except Exception as e:  # noqa: BLE001 - a cache probe must not break selection: say so
+        telemetry.emit("warning", message=(
+            f"{backend.name}.compile_cached() raised {type(e).__name__}: {e}; treated as not cached"))
         return False
 
 
@@ -217,6 +219,7 @@ def select_backend(problem: Problem, requested: Optional[str] = None, config=Non
     hit = _selection_cache.get(key)
     if hit is not None:
         return hit
+    check_environment()  # a new decision: say once if an LVSA_* name nothing reads is set
     if name != "auto":
         bk = plugins.get_backend(name)
         reasons = bk.not_supported_reasons(problem)
@@ -486,6 +489,7 @@ def check_requested(device=None, dtype=None, head_dim: int = 128, num_heads: int
 
 def clear_caches():
     _selection_cache.clear()
+    _env_checked.clear()
     _runtime_failures.clear()
     _compiled.clear()
     _warm.clear()

@@ -79,7 +79,8 @@ class BlockMask:
         if any(not (0 <= x < T) for x in g) or any(b <= a for a, b in zip(g, g[1:])):
             raise ValueError(f"globals must be sorted, unique frames in [0, {T}), got {g}")
         object.__setattr__(self, "globals_", g)
-        if self.windows is not None:
+        if self.windows is not None:  # plain (lo, hi) tuples: hashable, equal to planned masks
+            object.__setattr__(self, "windows", tuple((int(a), int(b)) for a, b in self.windows))
             if len(self.windows) != T:
                 raise ValueError(f"need one window per frame ({T}), got {len(self.windows)}")
             for f, (lo, hi) in enumerate(self.windows):

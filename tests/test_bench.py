@@ -209,7 +209,7 @@ def test_quick_attention_run(tmp_path):
     path, data = _results(tmp_path, "attention")
     (rec,) = data["records"]
     R = rec["results"]
-    assert R["dense_sdpa"]["ms"] > 0 and R["reference"]["rel_err"] == 0.0 and R["reference"]["ms"] > 0
+    assert R["dense_sdpa"]["ms"] > 0 and R["reference"]["ms"] > 0
     assert "refused" in R["triton"]["error"] and rec["ideal_ms"] == pytest.approx(R["dense_sdpa"]["ms"] * rec["density"])
     assert data["meta"]["repeats"] == 1 and "quick-hy-t49-text" in open(path[:-5] + ".md").read()
 

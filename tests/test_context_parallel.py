@@ -110,18 +110,38 @@ def test_log_all_ranks_prefixes_every_rank(wan):
 
 
 def _transformer_case(rank, world, tr, inputs, mode):
-    out = _forward(tr, inputs, context_parallel=mode)
+    from lvsa.engine import Engine
+
+    seen = set()  # (query rows, query heads, key rows) each attention call of this rank got
+    original = Engine.attention
+
+    def spy(self, q, k, v, *a, **kw):
+        seen.add((q.shape[1], q.shape[2], k.shape[1]))
+        return original(self, q, k, v, *a, **kw)
+
+    Engine.attention = spy  # a forked worker: the parent's class is untouched
+    try:
+        out = _forward(tr, inputs, context_parallel=mode)
+    finally:
+        Engine.attention = original
     # lvsa.disable removed every split/gather hook it installed
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in tr.modules())
-    return out
+    return out, seen
+
+
+def _check_split(results, base, S, H, world, mode):
+    """Every rank equals the single process AND really computed only its share."""
+    share = {(S, H // world, S)} if mode == "ulysses" else {(S // world, H, S)}
+    for out, seen in results:
+        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+        assert seen == share, f"{mode}: attention calls saw (rows, heads, keys) {seen}, expected {share}"
 
 
 def test_ulysses_w3_wan_transformer():
     tr = _wan_transformer(heads=6)
     inputs = _wan_inputs(T=24, h=8, w=8)  # S = 24 * 16 = 384 = 3 * 128
     base = _forward(tr, inputs)
-    for out in _ok(run_ranks(_transformer_case, 3, tr, inputs, "ulysses")):
-        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    _check_split(_ok(run_ranks(_transformer_case, 3, tr, inputs, "ulysses")), base, 384, 6, 3, "ulysses")
 
 
 # ----------------------------------------------------------------- sequence
@@ -129,8 +149,8 @@ def test_sequence_w3_two_heads_frames_straddle_ranks():
     tr = _wan_transformer(heads=2)
     inputs = _wan_inputs(T=25, h=6, w=8)  # P = 12, S = 300: 100 rows per rank, frames cut
     base = _forward(tr, inputs)
-    for out in _ok(run_ranks(_transformer_case, 3, tr, inputs, "auto")):  # 2 heads on 3: sequence
-        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    # 2 heads on 3 ranks: auto takes sequence mode
+    _check_split(_ok(run_ranks(_transformer_case, 3, tr, inputs, "auto")), base, 300, 2, 3, "sequence")
 
 
 def test_ulysses_refuses_heads_that_do_not_divide():
@@ -146,8 +166,9 @@ def test_four_and_eight_ranks(world, heads, mode):
     tr = _wan_transformer(heads=heads)
     inputs = _wan_inputs(T=24, h=6, w=8)  # P = 12, S = 288: 36 rows per rank on 8 (frames cut)
     base = _forward(tr, inputs)
-    for out in _ok(run_ranks(_transformer_case, world, tr, inputs, mode, timeout=120)):
-        torch.testing.assert_close(out, base, rtol=1e-5, atol=1e-5)
+    split = "ulysses" if heads % world == 0 else "sequence"
+    _check_split(_ok(run_ranks(_transformer_case, world, tr, inputs, mode, timeout=120)), base, 288, heads,
+                 world, split)
 
 
 # --------------------------------------------------------------- text paths

@@ -372,3 +372,19 @@ def dataclasses_replace(obj, **kw):
     import dataclasses
 
     return dataclasses.replace(obj, **kw)
+
+
+def test_a_compile_cache_probe_that_raises_is_said(capsys):
+    """A broken compile_cached() makes the backend count as not compiled, with a line saying why."""
+    class Broken(ReferenceBackend):
+        name = "broken-probe"
+        compiles = True
+
+        def compile_cached(self, problem):
+            raise OSError("cache dir unreadable")
+
+    problem = Problem("cpu", torch.float32, 1, 16, 1, 1, 8)
+    dispatch.clear_caches()
+    assert dispatch.compile_ready(Broken(), problem) is False
+    assert "broken-probe.compile_cached() raised OSError: cache dir unreadable; treated as not cached" in \
+        capsys.readouterr().err

@@ -130,7 +130,6 @@ def test_backends_without_a_declared_rank_go_before_reference(with_backends):
     order = dispatch.auto_order("cpu")
     assert order[-1] == "reference" and order.index("plain") < order.index("reference")
     assert "never" not in order and "never" in dispatch.explain(cpu_problem(dtype=torch.float32))
-    assert dispatch.auto_order("cpu") == dispatch.auto_order("cpu")  # deterministic
 
 
 def test_runtime_error_falls_back_to_reference_in_auto(with_backends, monkeypatch, capsys):

@@ -67,3 +67,10 @@ def test_immutable_and_validated():
 def test_token_ranges():
     assert token_ranges([0, 1, 2, 5, 7, 8]) == [(0, 2), (5, 5), (7, 8)]
     assert token_ranges([]) == []
+
+
+def test_windows_given_as_lists_are_plain_tuples():
+    """A mask built by hand with list windows equals (and hashes like) the planned form."""
+    a = BlockMask(3, [0], [[0, 1], [0, 2], [1, 2]])
+    b = BlockMask(3, (0,), ((0, 1), (0, 2), (1, 2)))
+    assert a == b and hash(a) == hash(b) and a.windows == ((0, 1), (0, 2), (1, 2))

@@ -342,3 +342,26 @@ def test_serve_without_vllm_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert serve.main(["m"]) == 2
     assert "`vllm` is not on PATH" in capsys.readouterr().err
+
+
+def test_an_unreadable_model_index_is_said_not_guessed_silently(tmp_path):
+    from lvsa import plugins
+
+    seen = []
+
+    class Sink:
+        from lvsa.hookspecs import hookimpl
+
+        @hookimpl
+        def lvsa_event(self, event):
+            seen.append(event)
+
+    sink = Sink()
+    plugins.register_plugin(sink, name="test-sink")
+    try:
+        (tmp_path / "model_index.json").write_text("{not json")
+        assert runtime.known_reference("wan", str(tmp_path)) == 21
+    finally:
+        plugins.unregister_plugin(sink)
+    msgs = [e.get("message", "") for e in seen if e.kind == "warning"]
+    assert any("model_index.json could not be read" in m and "LVSA_REFERENCE_LATENT_FRAMES" in m for m in msgs)

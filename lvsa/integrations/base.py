@@ -131,11 +131,13 @@ class ProcessorBase:
             return from_diffusers(self._parallel_config)
         return None, None
 
-    def cp_check(self, cp, seq_len: int, text_len: int = 0) -> None:
+    def cp_check(self, cp, seq_len: int, text_len=0) -> None:
         """Under ``LVSA_CHECK=1``: once per generation, every rank must hold the same
-        ``(T, P, L, step, offset, kfi)``; raises on disagreement."""
+        ``(T, P, L, step, offset, kfi)``; raises on disagreement. ``text_len`` may be a
+        callable, evaluated only then (it can cost a device sync on every layer otherwise)."""
         if self.engine.config.check and self.engine.first_call_of_generation("cp_check"):
-            cp.agree(self.engine.consistency_key(seq_len, text_len), "(T, P, L, step, offset, kfi)")
+            L = text_len() if callable(text_len) else text_len
+            cp.agree(self.engine.consistency_key(seq_len, L), "(T, P, L, step, offset, kfi)")
 
     def cp_video_attention(self, cp, q, k, v):
         """Video-only self-attention of local shards ``[B, S/w, H, D]`` under context

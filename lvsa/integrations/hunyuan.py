@@ -70,7 +70,7 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
         # heads for Ulysses / all heads for sequence mode) so that text queries see all of it
         layout, rows = None, None
         if cp is not None:
-            self.cp_check(cp, Sq * cp.world_size, int(text_valid[0].sum()))
+            self.cp_check(cp, Sq * cp.world_size, lambda: int(text_valid[0].sum()))
             layout = cp.layout(attn.heads)
             if layout == "ulysses":
                 query, key, value = cp.seq_to_heads_many(query, key, value)

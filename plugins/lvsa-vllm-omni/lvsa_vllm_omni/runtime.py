@@ -62,8 +62,11 @@ def known_reference(family: str, model_path: Optional[str]) -> Optional[int]:
             with open(os.path.join(model_path, "model_index.json")) as f:
                 if json.load(f).get("expand_timesteps", False):
                     return PRESETS[WAN_TI2V].reference_latent_frames
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as e:
+            telemetry.emit("warning", message=(
+                f"{os.path.join(model_path, 'model_index.json')} could not be read ({e}); using the Wan "
+                f"training horizon {FAMILY_REFERENCE['wan']} latent frames (set "
+                "LVSA_REFERENCE_LATENT_FRAMES if this is Wan 2.2 TI2V-5B)"))
     return FAMILY_REFERENCE["wan"]
 
 
