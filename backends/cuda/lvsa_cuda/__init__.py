@@ -10,6 +10,9 @@ Importing this package imports neither triton nor flashinfer; each backend modul
 explains itself through ``supports()`` when its package or GPU is missing.
 """
 import contextlib
+import functools
+import importlib
+from typing import Optional
 
 import torch
 
@@ -38,3 +41,29 @@ def device_guard(device):
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(module: str) -> Optional[str]:
+    """``None`` when ``module`` imports, else its error in one line (a broken install of a
+    kernel library raises anything: a missing CUDA library, an ABI mismatch...)."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {msg}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def dist_version(*dists: str) -> str:
+    """The installed version of the first of ``dists`` that is installed, else ``"?"``
+    (part of a compile key: a new kernel library version compiles again)."""
+    from importlib import metadata
+
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "?"

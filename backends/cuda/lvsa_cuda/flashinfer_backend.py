@@ -26,8 +26,6 @@ kernel (about 1.5 minutes on an H200; cached under ``FLASHINFER_WORKSPACE_BASE``
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 import threading
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend, device_guard
+from lvsa_cuda import CudaBackend, device_guard, dist_version, import_error
 from lvsa.config import Setting, p_int
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
@@ -106,27 +104,12 @@ def natural_to_lse2(lse: torch.Tensor) -> torch.Tensor:
     return lse / LN2
 
 
-@functools.lru_cache(maxsize=1)
 def _import_error() -> Optional[str]:
-    try:
-        importlib.import_module("flashinfer")
-    except Exception as e:  # noqa: BLE001 - a broken install raises anything
-        msg = str(e).splitlines()[0] if str(e) else ""
-        return f"{type(e).__name__}: {msg}"
-    return None
+    return import_error("flashinfer")
 
 
-@functools.lru_cache(maxsize=1)
 def _flashinfer_version() -> str:
-    """The installed FlashInfer's version (a new version builds its kernels again)."""
-    from importlib import metadata
-
-    for dist in ("flashinfer-python", "flashinfer"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return "?"
+    return dist_version("flashinfer-python", "flashinfer")
 
 
 @dataclass

@@ -1,0 +1,271 @@
+"""The ``fa4`` backend: FlashAttention-4's CuTe-DSL forward driven by lvsa's frame mask.
+
+Why another kernel
+------------------
+FlashInfer (one block row per latent frame) and lvsa's Triton kernel both start a query
+tile at every frame boundary: with ``P = 1560`` tokens per frame a 128-row tile sequence
+ends in a 24-row tile, so 6 % of the tiles' rows are padding, and their per-tile speed is
+below cuDNN's dense kernel. FlashAttention-4 (``pip install flash-attn-4``; Hopper and
+Blackwell) takes FlexAttention-style block sparsity over its own 128 x 128 tiles: the
+query and key tiles ignore frame boundaries, every tile runs at the dense kernel's speed,
+and only the tiles cut by a frame boundary evaluate a per-element ``mask_mod``.
+
+Layout
+------
+:func:`tile_tables` turns the frame mask into, per query tile, the list of key tiles it
+needs: *full* tiles (every (row, key) pair inside is attended: no mask) and *partial*
+tiles (some are; the kernel calls :func:`mask_mod` for each element). The tables do not
+depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows) on the
+CPU with a summed-area table of the frame mask (no token-level mask is ever built). The
+``mask_mod`` reads three small int32 tables passed as FA4 ``aux_tensors``: the frame of
+every query row, the frame of every key, and the ``T x T`` frame mask. So one compiled
+kernel serves every geometry (FA4 caches it per dtype/head dim/GQA ratio).
+
+Text tokens are merged exactly from FA4's natural-log LSE with the same in-place merge
+kernel as the flashinfer backend; query rows ``[lo, hi)`` (sequence parallelism) shift
+the query-frame table, nothing else.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from lvsa_cuda import CudaBackend, device_guard, dist_version, import_error
+from lvsa.hookspecs import hookimpl
+from lvsa.mask import BlockMask
+from lvsa.ops import default_scale
+
+LN2 = math.log(2.0)
+#: FA4's SM90 forward tile for head_dim 64/128 under block sparsity (query rows, keys)
+TILE = (128, 128)
+
+
+@dataclass
+class TileTables:
+    """FA4 block-sparse tables of one (mask, query rows): ``[1, 1, M]`` counts and
+    ``[1, 1, M, width]`` key-tile indices (left-packed, ascending), plus the aux tables
+    the ``mask_mod`` reads."""
+
+    mask_cnt: torch.Tensor
+    mask_idx: torch.Tensor
+    full_cnt: torch.Tensor
+    full_idx: torch.Tensor
+    q_frame: torch.Tensor   # [M * tile_m] int32: frame of each (padded) query row
+    k_frame: torch.Tensor   # [N * tile_n] int32: frame of each (padded) key
+    allowed: torch.Tensor   # [T, T] int32: the frame mask
+    tile: Tuple[int, int]
+    #: tiles run: full, partial (a mask_mod per element), and all tiles of the grid
+    counts: Tuple[int, int, int]
+
+    def to(self, device) -> "TileTables":
+        moved = {k: getattr(self, k).to(device) for k in
+                 ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed")}
+        return TileTables(**moved, tile=self.tile, counts=self.counts)
+
+
+def _pack(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the column indices where ``flag`` is set, ascending and left-packed."""
+    cnt = flag.sum(1, dtype=torch.int32)
+    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+    order = torch.argsort((~flag).to(torch.int8), dim=1, stable=True)[:, :width]
+    return cnt[None, None], order.to(torch.int32)[None, None].contiguous()
+
+
+def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = None,
+                tile: Tuple[int, int] = TILE) -> TileTables:
+    """Block-sparse tables of ``mask`` over ``tile``-sized tiles of the video sequence
+    (``T * P`` keys; query rows ``q_rows = [lo, hi)``, default all).
+
+    A tile is *full* when every frame pair it touches is attended, *partial* when some
+    are, and absent when none is. Built on the CPU in O(M * N) small integer ops."""
+    T = mask.num_frames
+    S = T * P
+    lo, hi = q_rows if q_rows is not None else (0, S)
+    if not 0 <= lo < hi <= S:
+        raise ValueError(f"query rows [{lo}, {hi}) are not inside the video sequence [0, {S})")
+    tm, tn = tile
+    n = hi - lo
+    M, N = -(-n // tm), -(-S // tn)
+    A = mask.to_dense("frame").to(torch.int64)
+    sat = torch.zeros(T + 1, T + 1, dtype=torch.int64)
+    sat[1:, 1:] = A.cumsum(0).cumsum(1)
+    r0 = lo + torch.arange(M) * tm
+    r1 = torch.clamp(r0 + tm, max=hi) - 1
+    c0 = torch.arange(N) * tn
+    c1 = torch.clamp(c0 + tn, max=S) - 1
+    fq0, fq1, fk0, fk1 = r0 // P, r1 // P, c0 // P, c1 // P
+    cnt = (sat[fq1 + 1][:, fk1 + 1] - sat[fq0][:, fk1 + 1]
+           - sat[fq1 + 1][:, fk0] + sat[fq0][:, fk0])
+    area = (fq1 - fq0 + 1)[:, None] * (fk1 - fk0 + 1)[None, :]
+    full = cnt == area
+    partial = (cnt > 0) & ~full
+    full_cnt, full_idx = _pack(full)
+    mask_cnt, mask_idx = _pack(partial)
+    q_frame = torch.clamp((lo + torch.arange(M * tm)) // P, max=T - 1).to(torch.int32)
+    k_frame = torch.clamp(torch.arange(N * tn) // P, max=T - 1).to(torch.int32)
+    return TileTables(mask_cnt, mask_idx, full_cnt, full_idx, q_frame, k_frame,
+                      A.to(torch.int32).contiguous(), tile,
+                      (int(full.sum()), int(partial.sum()), M * N))
+
+
+def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux) -> torch.Tensor:
+    """What :func:`mask_mod` computes, in torch: ``allowed[q_frame[q], k_frame[kv]]``
+    (the CPU stand-in of FA4 evaluates partial tiles with this)."""
+    q_frame, k_frame, allowed = aux
+    return allowed[q_frame[q_idx.long()].long()[:, None], k_frame[kv_idx.long()].long()[None, :]] != 0
+
+
+@functools.lru_cache(maxsize=1)
+def mask_mod():
+    """The CuTe-DSL ``mask_mod`` FA4 calls on each element of a partial tile: three
+    int32 loads (query frame, key frame, frame mask), all cached on chip."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils
+
+    @cute.jit
+    def lvsa_frame_mask(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        q_frame, k_frame, allowed = aux_tensors[0], aux_tensors[1], aux_tensors[2]
+        fq = q_frame[m_idx[0]]
+        fk = k_frame[n_idx[0]]
+        hit = utils.scalar_to_ssa(allowed[fq, fk], cutlass.Int32)
+        return hit == utils.scalar_to_ssa(1, cutlass.Int32)
+
+    return lvsa_frame_mask
+
+
+def kernel():
+    """``(flash_attn_func, BlockSparseTensorsTorch, mask_mod)`` of the installed FA4
+    (a test replaces this with a CPU stand-in of the documented API)."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    return flash_attn_func, BlockSparseTensorsTorch, mask_mod()
+
+
+def _import_error() -> Optional[str]:
+    return import_error("flash_attn.cute")
+
+
+def _fa4_version() -> str:
+    return dist_version("flash-attn-4", "fa4")
+
+
+@dataclass
+class FA4Plan:
+    tables: TileTables
+    batch: int
+    num_frames: int
+    tokens_per_frame: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    q_rows: Optional[Tuple[int, int]] = None
+
+
+class FA4Backend(CudaBackend):
+    """FlashAttention-4 (CuTe DSL) block-sparse forward over 128 x 128 tiles."""
+
+    name = "fa4"
+    requires = ("flash_attn",)
+    install_hint = "pip install lvsa-cuda[fa4]"
+    #: measured on the H200 (benchmarks/NOTES.md); auto picks by the cost table first
+    priority = {"cuda": 105}
+    supports_q_rows = True
+    #: FA4's block-sparse forward exists for Hopper (sm_90) and Blackwell (sm_100)
+    min_compute_capability = (9, 0)
+    #: a CuTe-DSL kernel is compiled per dtype/head dim/GQA ratio on first use
+    compiles = True
+    #: the tile grid of the tables; FA4 runs 128 x 128 (tests use small tiles on the CPU)
+    tile = TILE
+    description = ("FlashAttention-4 CuTe-DSL forward, FlexAttention-style block sparsity over "
+                   "128x128 tiles that ignore frame boundaries, a frame-table mask_mod on cut "
+                   "tiles; text merged by LSE; pip install lvsa-cuda[fa4]")
+
+    def availability_reasons(self):
+        missing = self.missing_packages()
+        r = [f"package {m!r} is not installed (pip install flash-attn-4, or {self.install_hint})"
+             for m in missing]
+        if not missing:
+            err = _import_error()
+            if err:
+                r.append(f"flash-attn-4 is installed but flash_attn.cute fails to import ({err}); "
+                         "FA4 needs nvidia-cutlass-dsl and cuda-bindings (pip install flash-attn-4)")
+        return r
+
+    def extra_reasons(self, problem):
+        if problem.T and problem.seq_len % problem.T:
+            yield f"sequence length {problem.seq_len} is not a multiple of T={problem.T}"
+        cc = problem.compute_capability
+        if cc is not None and cc[0] not in (9, 10):
+            yield (f"FA4's block-sparse forward runs on sm_90/sm_100 (Hopper, Blackwell), "
+                   f"this GPU is sm_{cc[0]}{cc[1]}")
+
+    def compile_key(self, problem) -> str:
+        return f"{super().compile_key(problem)} fa4 {_fa4_version()}"
+
+    def compile_cache_dir(self):
+        """FA4 keeps compiled kernels in memory; on disk only with
+        ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` (``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``)."""
+        import os
+        import tempfile
+
+        if os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") != "1":
+            return None
+        return os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR") or os.path.join(
+            tempfile.gettempdir(), "flash_attention_cute_dsl_cache")
+
+    def plan(self, mask: BlockMask, problem) -> FA4Plan:
+        device = problem.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        P = problem.seq_len // mask.num_frames
+        tables = tile_tables(mask, P, problem.q_rows, self.tile).to(device)
+        return FA4Plan(tables, problem.batch, mask.num_frames, P, problem.num_heads,
+                       problem.num_kv_heads, problem.head_dim, problem.dtype, problem.q_rows)
+
+    def run(self, handle: FA4Plan, q, k, v, text_k=None, text_v=None, scale=None):
+        from .flashinfer_backend import merge_text_torch
+        from .triton_backend import attend_text_into
+
+        if not isinstance(handle, FA4Plan):
+            raise TypeError(f"fa4.run() takes the FA4Plan from fa4.plan(mask, problem), "
+                            f"got {type(handle).__name__}")
+        B, n, H, D = q.shape
+        Hkv = k.shape[2]
+        if (H, Hkv, D, q.dtype) != (handle.num_heads, handle.num_kv_heads, handle.head_dim,
+                                    handle.dtype):
+            raise ValueError(
+                f"fa4 plan was made for heads={handle.num_heads}/{handle.num_kv_heads} "
+                f"head_dim={handle.head_dim} {handle.dtype}, got q {tuple(q.shape)} {q.dtype} "
+                f"and k heads {Hkv}")
+        scale = default_scale(D) if scale is None else float(scale)
+        has_text = text_k is not None and text_k.shape[1] > 0
+        t = handle.tables
+        func, bst_cls, mod = kernel()
+        bst = bst_cls(t.mask_cnt, t.mask_idx, t.full_cnt, t.full_idx, block_size=t.tile)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        with device_guard(q.device):
+            out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod,
+                            aux_tensors=[t.q_frame, t.k_frame, t.allowed],
+                            block_sparse_tensors=bst, return_lse=has_text)
+        if has_text:
+            # FA4's LSE is natural-log, [B, H, n]; the merge takes base 2, [B, n, H]
+            lse2 = (lse / LN2).transpose(1, 2).contiguous()
+            if q.device.type != "cuda":
+                out = merge_text_torch(out, lse2, q, text_k, text_v, scale)
+            else:
+                with device_guard(q.device):
+                    out = attend_text_into(out, lse2, q, text_k, text_v, scale)
+        return out
+
+
+@hookimpl
+def lvsa_register_backends(register):
+    register(FA4Backend())

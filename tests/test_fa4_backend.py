@@ -1,0 +1,174 @@
+"""The fa4 backend on the CPU: its tile tables against the token-level mask, and its
+plan/run through a stand-in of FlashAttention-4's documented block-sparse forward
+(tests/fa4_standin.py) against the reference (ragged P, text, GQA, batch 2, query rows).
+The CuTe-DSL kernel and its mask_mod run on the H200 (benchmarks/verify_fa4.sh)."""
+import pytest
+import torch
+
+from lvsa import testing
+from lvsa.backend import Problem
+from lvsa.backends.reference import ReferenceBackend
+from lvsa.schedule import plan_schedule
+from lvsa_cuda import fa4_backend as fa
+
+from fa4_standin import fake_fa4  # noqa: F401 - fixture
+
+
+def _expand(t: fa.TileTables, n: int, S: int) -> torch.Tensor:
+    """Token-level picture of the tables: full tiles all True, partial tiles the mask_mod."""
+    tm, tn = t.tile
+    out = torch.zeros(n, S, dtype=torch.bool)
+    aux = (t.q_frame, t.k_frame, t.allowed)
+    for m in range(t.mask_cnt.shape[-1]):
+        rows = torch.arange(m * tm, min((m + 1) * tm, n))
+        for j in t.full_idx[0, 0, m, :int(t.full_cnt[0, 0, m])].tolist():
+            out[rows[0]:rows[-1] + 1, j * tn:min((j + 1) * tn, S)] = True
+        for j in t.mask_idx[0, 0, m, :int(t.mask_cnt[0, 0, m])].tolist():
+            cols = torch.arange(j * tn, min((j + 1) * tn, S))
+            out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = fa.frame_mask_torch(rows, cols, aux)
+    return out
+
+
+@pytest.mark.parametrize("T,P,tile,rows,mode", [
+    (5, 1560, (128, 128), None, 1),       # Wan's P (not a multiple of any tile), FA4's tile
+    (7, 12, (8, 4), (17, 61), 1),         # query rows cut inside frames
+    (6, 5, (8, 8), None, 0),              # tiles wider than a frame (up to 3 frames per tile)
+    (9, 13, (16, 16), (0, 117), 2),
+])
+def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode):
+    mask = plan_schedule(T, W=1, n=1, reference=3).mask(mode)
+    S = T * P
+    lo, hi = rows or (0, S)
+    t = fa.tile_tables(mask, P, rows, tile)
+    want = mask.to_dense("token", tokens_per_frame=P)[lo:hi]
+    assert torch.equal(_expand(t, hi - lo, S), want)
+    tm, tn = tile
+    # full tiles are entirely attended, partial tiles mixed, absent tiles entirely masked
+    for m in range(t.full_cnt.shape[-1]):
+        r = slice(m * tm, min((m + 1) * tm, hi - lo))
+        listed = set(t.full_idx[0, 0, m, :int(t.full_cnt[0, 0, m])].tolist())
+        part = set(t.mask_idx[0, 0, m, :int(t.mask_cnt[0, 0, m])].tolist())
+        assert not listed & part
+        for j in range(-(-S // tn)):
+            block = want[r, j * tn:min((j + 1) * tn, S)]
+            if j in listed:
+                assert block.all()
+            elif j in part:
+                assert block.any() and not block.all()
+            else:
+                assert not block.any()
+    full, partial, total = t.counts
+    assert total == t.full_cnt.shape[-1] * -(-S // tn) and full + partial <= total
+
+
+def test_tables_at_wan_size_are_mostly_full_tiles():
+    """Wan 1.3B T_lat 81 (P = 1560): 128 x 128 tiles that ignore frame boundaries leave only
+    the tiles cut by a boundary of the attended set to the mask_mod."""
+    from lvsa.presets import get_preset  # noqa: F401 - the preset's schedule parameters
+    mask = plan_schedule(81, W=3, n=1, reference=21).mask(0)
+    t = fa.tile_tables(mask, 1560)
+    full, partial, total = t.counts
+    run = full + partial
+    assert abs(run / total - mask.density()) < 0.02
+    assert partial / run < 0.10
+
+
+def _problem(**kw):
+    base = dict(device_kind="cuda", dtype=torch.bfloat16, batch=2, seq_len=9 * 1560,
+                num_heads=12, num_kv_heads=12, head_dim=128, text_len=256, T=9, P=1560,
+                compute_capability=(9, 0))
+    base.update(kw)
+    return Problem(**base)
+
+
+def test_reasons(monkeypatch):
+    be = fa.FA4Backend()
+    monkeypatch.setattr(be, "missing_packages", lambda: ["flash_attn"])
+    assert any("pip install flash-attn-4" in r for r in be.not_supported_reasons(_problem()))
+    monkeypatch.setattr(be, "missing_packages", lambda: [])
+    monkeypatch.setattr(fa, "_import_error", lambda: "ImportError: libcuda.so.1")
+    r = be.not_supported_reasons(_problem(compute_capability=(8, 0)))
+    assert any("fails to import (ImportError: libcuda.so.1)" in x for x in r)
+    assert any("compute capability" in x or "sm_80" in x for x in r)
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,D,tile", [(2, 4, 2, 5, 16, (8, 8)), (1, 2, 2, 0, 8, (128, 128)),
+                                              (2, 2, 1, 3, 16, (16, 8))])
+def test_plan_and_run_against_the_reference(fake_fa4, B, H, Hkv, L, D, tile):
+    T, P = 7, 12
+    mask = plan_schedule(T, 1, 1, 3).mask(1)
+    g = torch.Generator().manual_seed(B * 10 + H + D)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    q, k, v = r(B, T * P, H, D), r(B, T * P, Hkv, D), r(B, T * P, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    be = fa.FA4Backend()
+    be.tile = tile
+    plan = be.plan(mask, Problem.from_tensors(q, k, mask, tk))
+    out = be.run(plan, q, k, v, tk, tv)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
+    assert torch.allclose(out, ref, atol=2e-5)
+    assert fake_fa4[-1]["block_size"] == tile
+    out2 = be.run(plan, q, k, v, tk, tv, scale=0.1)
+    ref2 = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv, scale=0.1)
+    assert torch.allclose(out2, ref2, atol=2e-5)
+
+
+@pytest.mark.parametrize("rows,L", [((0, 24), 0), ((17, 61), 5), ((36, 84), 3)])
+def test_query_rows(fake_fa4, rows, L):
+    B, T, P, H, Hkv, D = 2, 7, 12, 2, 1, 16
+    mask = plan_schedule(T, 1, 1, 3).mask(1)
+    g = torch.Generator().manual_seed(7)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    q, k, v = r(B, T * P, H, D), r(B, T * P, Hkv, D), r(B, T * P, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    lo, hi = rows
+    be = fa.FA4Backend()
+    be.tile = (8, 8)
+    plan = be.plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
+    assert plan.tables.mask_cnt.shape[-1] == -(-(hi - lo) // 8)     # only the rows q holds
+    out = be.run(plan, q[:, lo:hi], k, v, tk, tv)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
+    assert out.shape == (B, hi - lo, H, D) and torch.allclose(out, ref[:, lo:hi], atol=2e-5)
+
+
+def test_fa4_conformance_on_the_standin(fake_fa4):
+    be = fa.FA4Backend()
+    be.tile = (8, 8)
+    results = testing.check_backend(be, "cpu", ignore_device=True)
+    bad = [x.line() for x in results if x.status != "pass"]
+    assert results and not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------ the real kernel (H200)
+def _real_fa4():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
+        return "needs a Hopper/Blackwell GPU (benchmarks/verify_fa4.sh runs it on the H200)"
+    err = fa._import_error()
+    return f"flash-attn-4 does not import here ({err})" if err else None
+
+
+@pytest.mark.skipif(_real_fa4() is not None, reason=str(_real_fa4()))
+@pytest.mark.parametrize("D,H,Hkv,B,T,P,L,rows,dtype", [
+    (128, 12, 12, 1, 9, 1560, 0, None, torch.bfloat16),      # Wan's frame size
+    (128, 16, 16, 2, 7, 1560, 256, None, torch.bfloat16),    # HunyuanVideo-like text, batch 2
+    (64, 8, 2, 2, 6, 333, 7, None, torch.float16),           # GQA, head_dim 64, ragged P
+    (128, 4, 4, 1, 8, 1000, 5, (1500, 6100), torch.bfloat16),  # query rows cut inside frames
+])
+def test_real_kernel_against_the_reference(D, H, Hkv, B, T, P, L, rows, dtype):
+    dev = "cuda"
+    mask = plan_schedule(T, W=1, n=1, reference=3).mask(1)
+    g = torch.Generator(device=dev).manual_seed(T * P + D)
+    r = lambda *s: torch.randn(*s, generator=g, device=dev, dtype=dtype)  # noqa: E731
+    S = T * P
+    q, k, v = r(B, S, H, D), r(B, S, Hkv, D), r(B, S, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    lo, hi = rows or (0, S)
+    be = fa.FA4Backend()
+    plan = be.plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
+    out = be.run(plan, q[:, lo:hi], k, v, tk, tv)
+    ref = ReferenceBackend()
+    want = ref.run(ref.plan(mask, None), q.float(), k.float(), v.float(),
+                   None if tk is None else tk.float(), None if tv is None else tv.float())[:, lo:hi]
+    atol, rtol = be.tolerance(dtype)
+    err = (out.float() - want).abs().max().item()
+    assert torch.allclose(out.float(), want, atol=atol, rtol=rtol), f"max abs error {err}"
