@@ -164,6 +164,8 @@ def test_baselines_dense_runs_without_diffusers_and_reports_not_run(tmp_path, ca
     assert main(["bench", "report", path, str(tmp_path / "old.json"), "--print"]) == 0
     row = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| tiny Wan (quick)"))
     assert row.split("|")[4].strip() == "123 s" and row.split("|")[-2].strip() == "1, 2"
+    assert main(["bench", "model", "--quick", "--baselines", "none", "dense"]) == 2
+    assert "'none' cannot be given with a baseline" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["bench", "model", "--quick", "--baselines", "sdpa"])
     assert e.value.code == 2 and "invalid choice: 'sdpa'" in capsys.readouterr().err

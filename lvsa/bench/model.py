@@ -534,11 +534,12 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
                 row += (f" {common.fmt(r.get('speedup_vs_1gpu'))}x | {common.fmt(r.get('parallel_efficiency'))} "
                         f"| {common.fmt(r.get('comm_share'))} |")
             lines.append(row)
-    not_run = [b for b in BASELINES if b not in (meta.get("baselines") or BASELINES)]
+    ran = meta.get("baselines", BASELINES)
+    not_run = [b for b in BASELINES if b not in ran]
     if not_run:
-        lines += ["", f"Baselines not run (`--baselines {' '.join(meta['baselines'])}`): {', '.join(not_run)}."
+        lines += ["", f"Baselines not run (`--baselines {' '.join(ran) or 'none'}`): {', '.join(not_run)}."
                   + (" † = against diffusers' own attention (speedup and ceiling): the best dense was not run."
-                     if "dense" in not_run else "")]
+                     if "dense" in not_run and "diffusers" in ran else "")]
     errs = [(rec, n, r["error"]) for rec in records for n, r in rec["variants"].items()
             if r.get("error") and r["error"] != "OOM" and not r["error"].startswith("n/a")]
     na = sorted({f"{rec['title']} {n}: {r['error'][5:]}" for rec in records for n, r in rec["variants"].items()
@@ -844,6 +845,10 @@ def _row_estimate(spec: ModelSpec, T: int, b: int, args, calib: float, world: in
 def selected_baselines(args) -> List[str]:
     """The dense baselines this run times (``--baselines``; default both), in table order."""
     wanted = getattr(args, "baselines", None) or list(BASELINES)
+    if "none" in wanted:
+        if len(wanted) > 1:
+            raise ValueError(f"--baselines {' '.join(wanted)}: 'none' cannot be given with a baseline")
+        return []
     bad = [b for b in wanted if b not in BASELINES]
     if bad:
         raise ValueError(f"--baselines {' '.join(bad)}: not a baseline (choose from {', '.join(BASELINES)})")

@@ -74,10 +74,10 @@ def _add_model(bs):
     m.add_argument("--frames", type=int, nargs="*", metavar="T_LAT",
                    help="latent frame counts (default: per model, e.g. Wan 21 81 121)")
     m.add_argument("--batches", type=int, nargs="*", metavar="B", help="batch sizes (default: per model; 2 = CFG)")
-    m.add_argument("--baselines", nargs="+", choices=["diffusers", "dense"], default=["diffusers", "dense"],
-                   metavar="{diffusers,dense}",
-                   help="dense baselines to time: diffusers' own attention, lvsa's best dense; leave one out "
-                        "when another results file has it (`lvsa bench report` merges the files)")
+    m.add_argument("--baselines", nargs="+", choices=["diffusers", "dense", "none"], default=["diffusers", "dense"],
+                   metavar="{diffusers,dense,none}",
+                   help="dense baselines to time: diffusers' own attention, lvsa's best dense (none: only lvsa "
+                        "backends); leave out what another results file has (`lvsa bench report` merges files)")
     m.add_argument("--height", type=int, help="video height (default: the model's, 480)")
     m.add_argument("--width", type=int, help="video width (default: the model's, 832 or 720)")
     t = p.add_argument_group("time")
