@@ -100,6 +100,16 @@ def test_report_of_two_files_names_sources_and_footnotes_rows(two_files, capsys)
     assert "Not measured (time budget): tiny-wan T81 B1" in out and "T41 B2 (estimated" not in out
 
 
+def test_files_that_disagree_on_a_rows_mask_say_so(tmp_path, capsys):
+    a = _file(tmp_path, "a", "2026-11-01T00:00:00+00:00", [_rec(41, 1, {"dense": _variant(8.0)}, density=0.5)])
+    b = _file(tmp_path, "b", "2026-11-02T00:00:00+00:00", [_rec(41, 1, {"reference": _variant(4.0)}, density=0.4)])
+    (rec,), notes = rows.merge(rows.load_sources([a, b]))
+    assert rec["density"] == 0.4 and notes == ["tiny-wan title T41 B1: density 0.5 in an older file, 0.4 in [2] "
+                                               "(the newer is used)"]
+    assert main(["bench", "report", a, b, "--print"]) == 0
+    assert "The files disagree on: tiny-wan title T41 B1: density 0.5" in capsys.readouterr().out
+
+
 def test_one_file_report_has_no_sources_list(two_files, capsys):
     old, _ = two_files
     assert main(["bench", "report", old, "--print"]) == 0
