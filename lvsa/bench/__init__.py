@@ -4,8 +4,10 @@
   baselines, output checked against the reference (``lvsa bench attention``);
 * :mod:`lvsa.bench.model` — a whole transformer forward of the real diffusers
   architecture at real size with random weights (``lvsa bench model``);
-* :mod:`lvsa.bench.report` — the README's performance section regenerated from a
-  committed results file (``lvsa bench report``);
+* :mod:`lvsa.bench.report` — the README's performance sections regenerated from
+  committed results files (``lvsa bench report``);
+* :mod:`lvsa.bench.rows` — a model row's summary (speedups, the ceiling) and the merge of
+  several results files (the newest file per variant);
 * :mod:`lvsa.bench.common` — timing, the device record (NVML / nvidia-smi, npu-smi, CPU),
   JSON + Markdown + PNG output, ``--compare``.
 

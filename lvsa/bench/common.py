@@ -377,16 +377,19 @@ def _json_default(o):
     return str(o)
 
 
-def load_results(path: str) -> Dict[str, Any]:
+def load_results(path: str, option: str = "--compare") -> Dict[str, Any]:
+    """A results JSON file; errors name ``option`` (what gave the path) and the cause."""
     try:
         with open(path) as fh:
             data = json.load(fh)
     except FileNotFoundError:
-        raise ValueError(f"--compare: {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--compare: {path} is not a results JSON file ({e})") from None
+        raise ValueError(f"{option}: {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{option}: {path} is a folder; give a results .json file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{option}: {path} is not a results JSON file ({e})") from None
     if not isinstance(data, dict) or "meta" not in data or "records" not in data:
-        raise ValueError(f"--compare: {path} is not an lvsa bench results file (no 'meta'/'records')")
+        raise ValueError(f"{option}: {path} is not an lvsa bench results file (no 'meta'/'records')")
     return data
 
 

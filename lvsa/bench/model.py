@@ -41,9 +41,9 @@ import torch
 
 from .. import dispatch
 from . import common
+from . import rows as row_merge
+from .rows import BASELINES, summarize_row
 from .specs import FULL, QUICK, SPECS, ModelSpec, get_spec, spec_from_dir
-
-BASELINES = ("diffusers", "dense")
 
 
 # --------------------------------------------------------------------- building
@@ -442,39 +442,6 @@ def _profile_comm(ctx: Context, inputs, engine) -> Dict[str, float]:
 
 
 # ----------------------------------------------------------------------- rows
-def summarize_row(rec: Dict[str, Any]) -> None:
-    """Speedups, the ceiling and memory ratios of one row (in place)."""
-    V = rec["variants"]
-    dense = V.get("dense", {})
-    diff = V.get("diffusers", {})
-    d_t = dense.get("time_s")
-    rec["ceiling_s"] = None
-    if d_t and dense.get("attention_time_s") is not None:
-        rec["dense_attention_share"] = dense["attention_time_s"] / d_t
-        rec["ceiling_s"] = dense["rest_time_s"] + dense["attention_time_s"] * rec["density"]
-        rec["ceiling_speedup"] = d_t / rec["ceiling_s"]
-    for name, r in V.items():
-        if name in BASELINES or not r.get("time_s"):
-            continue
-        t = r["time_s"]
-        if d_t:
-            r["speedup_vs_dense"] = d_t / t
-        if diff.get("time_s"):
-            r["speedup_vs_diffusers"] = diff["time_s"] / t
-        if rec["ceiling_s"]:
-            r["of_ceiling"] = rec["ceiling_s"] / t
-        if dense.get("peak_alloc_gib") and r.get("peak_alloc_gib"):
-            r["memory_vs_dense"] = r["peak_alloc_gib"] / dense["peak_alloc_gib"]
-        base = (rec.get("single_gpu") or {}).get(name)
-        if base:
-            r["speedup_vs_1gpu"] = base / t
-            r["parallel_efficiency"] = r["speedup_vs_1gpu"] / rec["world_size"]
-    best = [(r["time_s"], n) for n, r in V.items() if n not in BASELINES and r.get("time_s")]
-    rec["best_backend"] = min(best)[1] if best else None
-    rec["dense_oom_lvsa_not"] = [n for n, r in V.items() if n not in BASELINES and r.get("time_s")
-                                 and any(V.get(b, {}).get("error") == "OOM" for b in BASELINES)]
-
-
 def lvsa_backends(spec: ModelSpec, device, dtype, T: int, batch: int, wanted: Optional[Sequence[str]]):
     """``(run, refused)``: the backends to time for this row and why the others cannot."""
     from .. import plugins
@@ -544,6 +511,8 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     lines += [head, sep]
 
     def t(r):
+        if r is None:
+            return "not run"
         if r.get("error"):
             return r["error"] if r["error"] == "OOM" else "n/a" if r["error"].startswith("n/a") else "error"
         return common.fmt(r.get("time_s"), ".3f")
@@ -551,19 +520,26 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     for rec in records:
         V = rec["variants"]
         names = [n for n in V if n not in BASELINES] or ["—"]
+        mark = "†" if rec.get("dense_baseline") == "diffusers" else ""
         for n in names:
             r = V.get(n, {})
             row = (f"| {rec['title']} | {rec['T']} ({rec['video_frames']}) | {rec['batch']} | {rec['tokens']} "
-                   f"| {rec['density']:.3f} | {t(V.get('diffusers', {}))} | {t(V.get('dense', {}))} "
+                   f"| {rec['density']:.3f} | {t(V.get('diffusers'))} | {t(V.get('dense'))} "
                    f"| {common.fmt(rec.get('dense_attention_share'))} | {n} | {t(r)} "
-                   f"| {common.fmt(r.get('speedup_vs_dense'))}x | {common.fmt(r.get('speedup_vs_diffusers'))}x "
-                   f"| {common.fmt(rec.get('ceiling_speedup'))}x | {common.fmt(r.get('of_ceiling'))} "
-                   f"| {common.fmt(V.get('dense', {}).get('peak_alloc_gib'), '.1f')} / "
+                   f"| {common.fmt(r.get('speedup_vs_dense'))}x{mark} | {common.fmt(r.get('speedup_vs_diffusers'))}x "
+                   f"| {common.fmt(rec.get('ceiling_speedup'))}x{mark} | {common.fmt(r.get('of_ceiling'))} "
+                   f"| {common.fmt(V.get(rec.get('dense_baseline') or 'dense', {}).get('peak_alloc_gib'), '.1f')} / "
                    f"{common.fmt(r.get('peak_alloc_gib'), '.1f')} |")
             if world > 1:
                 row += (f" {common.fmt(r.get('speedup_vs_1gpu'))}x | {common.fmt(r.get('parallel_efficiency'))} "
                         f"| {common.fmt(r.get('comm_share'))} |")
             lines.append(row)
+    ran = meta.get("baselines", BASELINES)
+    not_run = [b for b in BASELINES if b not in ran]
+    if not_run:
+        lines += ["", f"Baselines not run (`--baselines {' '.join(ran) or 'none'}`): {', '.join(not_run)}."
+                  + (" † = against diffusers' own attention (speedup and ceiling): the best dense was not run."
+                     if "dense" in not_run and "diffusers" in ran else "")]
     errs = [(rec, n, r["error"]) for rec in records for n, r in rec["variants"].items()
             if r.get("error") and r["error"] != "OOM" and not r["error"].startswith("n/a")]
     na = sorted({f"{rec['title']} {n}: {r['error'][5:]}" for rec in records for n, r in rec["variants"].items()
@@ -751,13 +727,14 @@ def _run(args, dist_info, device, dtype) -> int:
     planned = plan_rows(args)  # bad arguments fail here, before anything is written
     old = common.load_results(args.compare) if args.compare else None
     meta = common.run_meta("lvsa bench model", args.argv, device)
+    baselines = selected_baselines(args)
     meta.update(dtype=str(dtype).replace("torch.", ""), warmup=args.warmup, repeats=args.repeats,
                 world_size=dist_info.world_size if dist_info else 1, quick=bool(args.quick),
-                context_parallel=args.cp_mode if dist_info else None)
+                context_parallel=args.cp_mode if dist_info else None, baselines=baselines)
+    single = _load_single_gpu(args.single_gpu_results or [])  # bad files fail here, before the run
     base = common.out_base(args.out, "model", meta["device_before"], args.tag) if rank0 else None
-    single = _load_single_gpu(args.single_gpu_results) if args.single_gpu_results else {}
     plan = [(s, w, T, b) for s, w, rows in planned for T, b in rows]
-    n_variants = 2 + len(args.backends or ["?"])
+    n_variants = len(baselines) + len(args.backends or ["?"])
     bar = common.Progress(len(plan) * n_variants, "bench model", enabled=rank0 and not args.no_progress)
     records: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -781,7 +758,7 @@ def _run(args, dist_info, device, dtype) -> int:
                 err = "OOM" if common.is_oom(e) else f"build failed: {type(e).__name__}: {e}"
                 for T, b in rows:
                     rec = _new_record(spec, T, b, dist_info, wdir)
-                    rec["variants"] = {v: {"variant": v, "error": err} for v in BASELINES}
+                    rec["variants"] = {v: {"variant": v, "error": err} for v in baselines}
                     records.append(rec)
                     bar.update(n_variants)
                 common.free_memory(device)
@@ -806,7 +783,7 @@ def _run(args, dist_info, device, dtype) -> int:
                     inputs = make_inputs(spec, tr, T, b, device, dtype, seed=args.seed)
                 except Exception as e:  # noqa: BLE001
                     err = "OOM" if common.is_oom(e) else f"inputs: {type(e).__name__}: {e}"
-                    rec["variants"] = {v: {"variant": v, "error": err} for v in list(BASELINES) + run}
+                    rec["variants"] = {v: {"variant": v, "error": err} for v in baselines + run}
                     records.append(rec)
                     summarize_row(rec)
                     bar.update(n_variants)
@@ -814,7 +791,7 @@ def _run(args, dist_info, device, dtype) -> int:
                 probe = probe_dense_kernels(spec, T, b, device, dtype)
                 rec["dense_kernels_ms"] = probe["ms"]
                 rec["dense_kernel"] = probe.get("fastest")
-                variants = list(BASELINES) + run
+                variants = baselines + run
                 for v in variants:
                     bar.set(f"{key} {v}")
                     if v == "diffusers" and dist_info and not getattr(tr, "_cp_plan", None):
@@ -831,10 +808,11 @@ def _run(args, dist_info, device, dtype) -> int:
                     bar.update(1)
                 bar.update(max(0, n_variants - len(variants)))
                 if dist_info:
-                    rec["single_gpu"] = single.get((spec.name, T, b)) or _single_gpu_times(
-                        ctx, T, inputs, [v for v in run if rec["variants"].get(v, {}).get("time_s")], probe["order"])
+                    _single_gpu(rec, single, ctx, T, inputs, run, probe["order"])
                 summarize_row(rec)
                 d = rec["variants"].get("dense", {})
+                if not d.get("time_s") and spec.family != "hunyuan":  # diffusers' own: a dense cost too
+                    d = rec["variants"].get("diffusers", {})
                 if d.get("time_s"):
                     calib[0] = d["time_s"] / max(estimate_forward_s(spec, T, b), 1e-9)
                 records.append(rec)
@@ -860,7 +838,21 @@ def _row_estimate(spec: ModelSpec, T: int, b: int, args, calib: float, world: in
     est = estimate_forward_s(spec, T, b) * calib  # calib: measured dense / estimate, on `world` GPUs
     nb = len(args.backends or [1, 1])
     per_backend = 0.5 if world == 1 else 1.0 + 0.5 * world
-    return est * ((4 if spec.family == "hunyuan" else 2) + per_backend * nb) * max(1, args.min_repeats)
+    base = sum(3 if v == "diffusers" and spec.family == "hunyuan" else 1 for v in selected_baselines(args))
+    return est * (base + per_backend * nb) * max(1, args.min_repeats)
+
+
+def selected_baselines(args) -> List[str]:
+    """The dense baselines this run times (``--baselines``; default both), in table order."""
+    wanted = getattr(args, "baselines", None) or list(BASELINES)
+    if "none" in wanted:
+        if len(wanted) > 1:
+            raise ValueError(f"--baselines {' '.join(wanted)}: 'none' cannot be given with a baseline")
+        return []
+    bad = [b for b in wanted if b not in BASELINES]
+    if bad:
+        raise ValueError(f"--baselines {' '.join(bad)}: not a baseline (choose from {', '.join(BASELINES)})")
+    return [b for b in BASELINES if b in wanted]
 
 
 def _new_record(spec: ModelSpec, T: int, b: int, dist_info, wdir: Optional[str] = None) -> Dict[str, Any]:
@@ -871,6 +863,21 @@ def _new_record(spec: ModelSpec, T: int, b: int, dist_info, wdir: Optional[str] 
            "world_size": dist_info.world_size if dist_info else 1, "variants": {}}
     rec.update(row_geometry(spec, T))
     return rec
+
+
+def _single_gpu(rec: Dict[str, Any], single, ctx: Context, T: int, inputs, run: List[str], kernel_order) -> None:
+    """``rec["single_gpu"]``: every 1-GPU time the ``--single-gpu-results`` files have for
+    this row (newest file per variant: diffusers' own, the best dense, backends), and the
+    lvsa backends they lack timed on rank 0 alone; ``rec["single_gpu_from"]`` says which
+    (a file, or ``rank 0``)."""
+    have = single.get(row_merge.single_gpu_key(rec), {})
+    times = {n: t for n, (t, _) in have.items()}
+    origin = {n: src.rel for n, (_, src) in have.items()}
+    missing = [v for v in run if rec["variants"].get(v, {}).get("time_s") and v not in times]
+    if _agree(ctx, bool(missing)):  # every rank takes part (rank 0 times, the others wait)
+        for n, t in _single_gpu_times(ctx, T, inputs, missing, kernel_order).items():
+            times[n], origin[n] = t, row_merge.RANK0
+    rec["single_gpu"], rec["single_gpu_from"] = times, origin
 
 
 def _single_gpu_times(ctx: Context, T: int, inputs, variants: List[str], kernel_order) -> Dict[str, float]:
@@ -890,15 +897,11 @@ def _single_gpu_times(ctx: Context, T: int, inputs, variants: List[str], kernel_
     return box[0]
 
 
-def _load_single_gpu(path: str) -> Dict[Tuple[str, int, int], Dict[str, float]]:
-    data = common.load_results(path)
-    out: Dict[Tuple[str, int, int], Dict[str, float]] = {}
-    for rec in data["records"]:
-        if rec.get("world_size", 1) != 1:
-            continue
-        out[(rec["model"], rec["T"], rec["batch"])] = {n: r["time_s"] for n, r in rec["variants"].items()
-                                                        if r.get("time_s")}
-    return out
+def _load_single_gpu(paths: Sequence[str]):
+    """The 1-GPU rows of the ``--single-gpu-results`` files, merged (newest per variant)."""
+    if not paths:
+        return {}
+    return row_merge.single_gpu_rows(row_merge.load_sources(paths, "--single-gpu-results"))
 
 
 # ---------------------------------------------------------------- distributed

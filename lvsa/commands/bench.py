@@ -74,6 +74,10 @@ def _add_model(bs):
     m.add_argument("--frames", type=int, nargs="*", metavar="T_LAT",
                    help="latent frame counts (default: per model, e.g. Wan 21 81 121)")
     m.add_argument("--batches", type=int, nargs="*", metavar="B", help="batch sizes (default: per model; 2 = CFG)")
+    m.add_argument("--baselines", nargs="+", choices=["diffusers", "dense", "none"], default=["diffusers", "dense"],
+                   metavar="{diffusers,dense,none}",
+                   help="dense baselines to time: diffusers' own attention, lvsa's best dense (none: only lvsa "
+                        "backends); leave out what another results file has (`lvsa bench report` merges files)")
     m.add_argument("--height", type=int, help="video height (default: the model's, 480)")
     m.add_argument("--width", type=int, help="video width (default: the model's, 832 or 720)")
     t = p.add_argument_group("time")
@@ -87,17 +91,26 @@ def _add_model(bs):
                    help="run on N GPUs with context parallelism (re-launched under torchrun)")
     d.add_argument("--cp-mode", default="auto", choices=["auto", "ulysses", "sequence"],
                    help="lvsa's context-parallel mode")
-    d.add_argument("--single-gpu-results", metavar="JSON", help="1-GPU results to compute speedup and efficiency")
+    d.add_argument("--single-gpu-results", nargs="+", metavar="JSON",
+                   help="1-GPU results files (merged, the newest file per variant wins): their diffusers, "
+                        "dense and backend times are the 1-GPU column, speedup and efficiency; the backends "
+                        "they lack are timed on rank 0")
     d.add_argument("--no-profile-comm", dest="profile_comm", action="store_false",
                    help="skip the profiled forward (lvsa rows) that measures the NCCL share")
     p.set_defaults(func=_run("model", p))
 
 
 def _add_report(bs):
-    p = bs.add_parser("report", help="regenerate the README's performance section from a results file",
-                      description=("Write the performance table of a `lvsa bench model` (or attention) results "
-                                   "JSON into README.md between the lvsa-bench markers (or print it)."))
-    p.add_argument("results", help="results JSON file")
+    p = bs.add_parser("report", help="regenerate the README's performance sections from results files",
+                      description=("Write the performance table of `lvsa bench model` (or attention) results "
+                                   "into README.md between the lvsa-bench markers (or print it). Several files "
+                                   "merge: 1-GPU files into the main table, multi-GPU files into the multi-GPU "
+                                   "table; a row (model, T_lat, batch, world size) measured in several files "
+                                   "takes each variant from the newest file (meta date) that has it."))
+    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="results JSON files, in any order")
+    p.add_argument("--single-gpu-results", nargs="+", metavar="JSON", default=[],
+                   help="1-GPU results files whose times fill the multi-GPU table's 1-GPU columns where "
+                        "its own records lack them")
     p.add_argument("--readme", default="README.md", help="the file whose section is replaced")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the section, change nothing")
     p.add_argument("--check", action="store_true", help="exit 1 if the README's section is not up to date")
