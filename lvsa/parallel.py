@@ -295,51 +295,112 @@ class ContextParallel:
             raise _collective_error(e, what) from e
 
     # ---------------------------------------------------------------- tensors
+    # Memory: every exchange below holds at most its send and its receive buffer at once.
+    # The receive buffer is unpacked into the send buffer's storage (free once the
+    # collective has returned: NCCL/HCCL order the copy after it on the current stream),
+    # never into a third full-size tensor, and local shards handed over in a list are
+    # released as soon as they are packed. At Wan 14B's T_lat 121, batch 2, on 2 GPUs one
+    # [B, S, H/w, D] bf16 tensor is 1.93 GB: each avoided copy is that much peak memory.
+
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's contiguous chunk of ``t`` along ``dim`` (no communication)."""
+        """This rank's chunk of ``t`` along ``dim``: a view, no copy (the whole tensor stays
+        alive in the caller anyway; a contiguous copy would only add one shard of memory
+        whenever dims before ``dim`` are > 1, e.g. batch 2), no communication."""
         self.check_split(t.shape[dim])
-        return t.chunk(self.world_size, dim=dim)[self.rank].contiguous()
+        return t.chunk(self.world_size, dim=dim)[self.rank]
 
     def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Concatenate every rank's ``t`` along ``dim`` (rank order)."""
+        """Concatenate every rank's ``t`` along ``dim`` (rank order); contiguous.
+
+        The collective concatenates along dim 0; where the dims before ``dim`` hold a few
+        slices (batch 2), each slice is gathered straight into its place of the result
+        (one collective per slice) rather than into a buffer reordered by a full copy."""
         w = self.world_size
         t = t.contiguous()
-        out = torch.empty((w * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         dist = _dist()
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+        shape = tuple(t.shape)
+        lead = 1
+        for n in shape[:dim]:
+            lead *= n
+        out_shape = shape[:dim] + (w * shape[dim],) + shape[dim + 1:]
+        if lead <= self.MAX_GATHER_SLICES:
+            out = torch.empty(out_shape, dtype=t.dtype, device=t.device)
+            dst, src = out.view(lead, -1), t.view(lead, -1)
+            for i in range(lead):
+                self._run("all_gather", fn, dst[i], src[i], group=self.group)
+            return out
+        out = torch.empty((w * shape[0],) + shape[1:], dtype=t.dtype, device=t.device)
         self._run("all_gather", fn, out, t, group=self.group)
-        return out.view((w,) + tuple(t.shape)).movedim(0, dim).flatten(dim, dim + 1)
+        return out.view((w,) + shape).movedim(0, dim).flatten(dim, dim + 1)
+
+    #: :meth:`all_gather` gathers slice by slice up to this many leading slices
+    MAX_GATHER_SLICES = 8
+
+    def _exchange(self, box: List[torch.Tensor], unpacked: Tuple[int, ...], reuse: bool) -> torch.Tensor:
+        """All-to-all of the send buffer ``box[0]`` ``[w, ...]`` (chunk r goes to rank r),
+        taken out of ``box``; returns the received chunks permuted by ``unpacked`` (dims of
+        the received ``[w, ...]`` buffer in the order wanted), contiguous. ``reuse``: the
+        send buffer is ours, the result goes into its storage; else it is dropped before
+        the result is allocated. Either way no more than two buffers live at once."""
+        send = box.pop()
+        recv = torch.empty_like(send)
+        self._run("all_to_all", _dist().all_to_all_single, recv, send, group=self.group)
+        view = recv.permute(*unpacked)
+        if view.is_contiguous():  # e.g. one tensor of batch 1: already in place
+            return view
+        if reuse:
+            out = send.view(view.shape)
+        else:
+            del send
+            out = torch.empty(view.shape, dtype=recv.dtype, device=recv.device)
+        return out.copy_(view)
 
     def seq_to_heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, S/w, H, D]`` (local tokens, all heads) → ``[B, S, H/w, D]`` (all tokens, local heads)."""
-        B, s, H, D = t.shape
-        w = self.world_size
-        x = t.reshape(B, s, w, H // w, D).permute(2, 0, 1, 3, 4).contiguous()
-        y = torch.empty_like(x)
-        self._run("all_to_all", _dist().all_to_all_single, y, x, group=self.group)
-        return y.permute(1, 0, 2, 3, 4).reshape(B, w * s, H // w, D)
+        return self.take_seq_to_heads([t])[0]
 
     def heads_to_seq(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, S, H/w, D]`` → ``[B, S/w, H, D]`` (the inverse of :meth:`seq_to_heads`)."""
-        B, S, h, D = t.shape
-        w = self.world_size
-        x = t.reshape(B, w, S // w, h, D).permute(1, 0, 2, 3, 4).contiguous()
-        y = torch.empty_like(x)
-        self._run("all_to_all", _dist().all_to_all_single, y, x, group=self.group)
-        return y.permute(1, 2, 0, 3, 4).reshape(B, S // w, w * h, D)
+        return self.take_heads_to_seq([t])
 
     def seq_to_heads_many(self, *ts: torch.Tensor) -> List[torch.Tensor]:
         """:meth:`seq_to_heads` of several equal-shaped tensors in one collective; each
         result is contiguous (what the kernels' fast paths want)."""
-        if len(ts) > 1 and all(t.shape == ts[0].shape and t.dtype == ts[0].dtype for t in ts):
-            n = len(ts)
-            B, s, H, D = ts[0].shape
-            w = self.world_size
-            x = torch.stack(ts, 0).reshape(n, B, s, w, H // w, D).permute(3, 0, 1, 2, 4, 5).contiguous()
-            y = torch.empty_like(x)
-            self._run("all_to_all", _dist().all_to_all_single, y, x, group=self.group)
-            return list(y.permute(1, 2, 0, 3, 4, 5).reshape(n, B, w * s, H // w, D).unbind(0))
-        return [self.seq_to_heads(t) for t in ts]
+        return self.take_seq_to_heads(list(ts))
+
+    def take_seq_to_heads(self, ts: List[torch.Tensor]) -> List[torch.Tensor]:
+        """:meth:`seq_to_heads_many` of the tensors in the list ``ts``, which it empties:
+        each local shard is dropped as soon as it is packed into the send buffer, so a
+        caller that handed over its last references holds no shard during the exchange.
+        Peak: send + receive buffer (results in the send buffer's storage)."""
+        if len(ts) > 1 and not all(t.shape == ts[0].shape and t.dtype == ts[0].dtype for t in ts):
+            return [self.take_seq_to_heads([ts.pop(0)])[0] for _ in range(len(ts))]
+        n = len(ts)
+        B, s, H, D = ts[0].shape
+        w, h = self.world_size, H // self.world_size
+        send = torch.empty((w, n, B, s, h, D), dtype=ts[0].dtype, device=ts[0].device)
+        for i in range(n):
+            t = ts[i]
+            ts[i] = None  # type: ignore[call-overload]
+            send[:, i].copy_(t.reshape(B, s, w, h, D).permute(2, 0, 1, 3, 4))
+            del t
+        ts.clear()
+        out = self._exchange([send], (1, 2, 0, 3, 4, 5), reuse=True)  # [n, B, w, s, h, D]
+        return list(out.reshape(n, B, w * s, h, D).unbind(0))
+
+    def take_heads_to_seq(self, ts: List[torch.Tensor]) -> torch.Tensor:
+        """:meth:`heads_to_seq` of the one tensor in the list ``ts``, which it empties (an
+        attention output handed over is dropped once packed). Peak: send + receive buffer,
+        plus the input where the caller keeps it."""
+        (t,) = ts
+        ts.clear()
+        B, S, h, D = t.shape
+        w = self.world_size
+        send = t.reshape(B, w, S // w, h, D).permute(1, 0, 2, 3, 4).contiguous()
+        own = send.data_ptr() != t.data_ptr()  # packed by a copy (batch > 1), else a view of t
+        del t
+        return self._exchange([send], (1, 2, 0, 3, 4), reuse=own).reshape(B, S // w, w * h, D)
 
     def attention(self, attend, q, k, v, text_k=None, text_v=None):
         """Exact attention of the video queries of local shards under context parallelism.
@@ -350,16 +411,34 @@ class ContextParallel:
         :func:`lvsa.attention` with a mask). Returns this rank's output ``[B, S/w, H, D]``,
         equal to those rows of the single-device output.
         """
-        S = q.shape[1] * self.world_size
+        return self.take_attention(attend, [q, k, v], text_k, text_v)
+
+    def take_attention(self, attend, qkv: List[torch.Tensor], text_k=None, text_v=None):
+        """:meth:`attention` of the shards in the list ``qkv = [q, k, v]``, which it empties:
+        a caller that hands over its last references lets each shard go once it is packed
+        for the exchange (Ulysses), so the shards and their exchanged copies never coexist.
+        Ulysses holds at most: the send and receive buffers of q/k/v; then the exchanged
+        q/k/v and the attention output; then the output's send and receive buffers."""
+        q, k, v = qkv
+        S, dtype = q.shape[1] * self.world_size, q.dtype
         if self.layout(q.shape[2], k.shape[2]) == "ulysses":
-            if q.shape[2] == k.shape[2]:
-                qf, kf, vf = self.seq_to_heads_many(q, k, v)
+            same = q.shape == k.shape
+            del q, k, v
+            if same:
+                qf, kf, vf = self.take_seq_to_heads(qkv)
             else:
-                qf, (kf, vf) = self.seq_to_heads(q), self.seq_to_heads_many(k, v)
+                qf = self.take_seq_to_heads([qkv.pop(0)])[0]
+                kf, vf = self.take_seq_to_heads(qkv)
             if text_k is not None:
                 text_k, text_v = self.head_slice(text_k), self.head_slice(text_v)
-            return self.heads_to_seq(attend(qf, kf, vf, text_k, text_v, None).to(q.dtype))
-        kf, vf = self.all_gather(k, 1), self.all_gather(v, 1)
+            out = [attend(qf, kf, vf, text_k, text_v, None).to(dtype)]
+            del qf, kf, vf  # the exchanged q/k/v go before the output's exchange
+            return self.take_heads_to_seq(out)
+        qkv.clear()
+        kf = self.all_gather(k, 1)
+        del k
+        vf = self.all_gather(v, 1)
+        del v
         return attend(q, kf, vf, text_k, text_v, self.rows(S))
 
     def head_slice(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:

@@ -139,14 +139,17 @@ class ProcessorBase:
             L = text_len() if callable(text_len) else text_len
             cp.agree(self.engine.consistency_key(seq_len, L), "(T, P, L, step, offset, kfi)")
 
-    def cp_video_attention(self, cp, q, k, v):
-        """Video-only self-attention of local shards ``[B, S/w, H, D]`` under context
-        parallelism; returns the local output ``[B, S/w, H, D]`` (exact)."""
-        self.cp_check(cp, q.shape[1] * cp.world_size)
+    def cp_video_attention(self, cp, qkv):
+        """Video-only self-attention of the local shards in the list ``qkv = [q, k, v]``
+        (``[B, S/w, H, D]``) under context parallelism; returns the local output
+        ``[B, S/w, H, D]`` (exact). The list is emptied: a caller that hands over its last
+        references (``del q, k, v``) has each shard released once it is packed for the
+        exchange, so the shards and their exchanged copies never coexist."""
+        self.cp_check(cp, qkv[0].shape[1] * cp.world_size)
 
         def attend(q_, k_, v_, text_k, text_v, rows):
             return self.engine.attention(q_, k_, v_, text_k, text_v, q_rows=rows)
-        return cp.attention(attend, q, k, v)
+        return cp.take_attention(attend, qkv)
 
     def refuse_under_cp(self, cp, reason: str):
         """lvsa's own hooks shard the sequence: the original processor would attend only

@@ -73,7 +73,9 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
             self.cp_check(cp, Sq * cp.world_size, lambda: int(text_valid[0].sum()))
             layout = cp.layout(attn.heads)
             if layout == "ulysses":
-                query, key, value = cp.seq_to_heads_many(query, key, value)
+                qkv = [query, key, value]
+                del query, key, value  # handed over: each is released once packed for the exchange
+                query, key, value = cp.take_seq_to_heads(qkv)
                 enc_query, enc_key, enc_value = (cp.head_slice(t) for t in (enc_query, enc_key, enc_value))
             else:
                 key, value = cp.all_gather(key, 1), cp.all_gather(value, 1)

@@ -64,11 +64,14 @@ class WanLVSAProcessor(ProcessorBase):
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
 
+        dtype = query.dtype
         if cp is not None:  # local shards [B, S/w, H, D]: exact attention over the whole sequence
-            out = self.cp_video_attention(cp, query, key, value)
+            qkv = [query, key, value]
+            del query, key, value  # handed over: each is released once packed for the exchange
+            out = self.cp_video_attention(cp, qkv)
         else:
             out = self.engine.attention(query, key, value)
-        out = out.flatten(2, 3).type_as(query)
+        out = out.flatten(2, 3).to(dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         return out
