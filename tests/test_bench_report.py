@@ -122,7 +122,7 @@ def test_diffusers_only_rows_fall_back_and_say_so(tmp_path, capsys):
     """--baselines diffusers: the ceiling and the speedup use diffusers' own attention,
     marked; a merged file with the best dense takes over."""
     only = _file(tmp_path, "diff", "2026-12-02T00:00:00+00:00",
-                 [_rec(41, 1, {"diffusers": _variant(8.0, attn=6.0), "reference": _variant(4.0)})])
+                 [_rec(41, 1, {"diffusers": _variant(8.0, attn=6.0, peak=48.6), "reference": _variant(4.0, peak=55.9)})])
     (rec,) = rows.merge(rows.load_sources([only]))[0]
     assert rec["dense_baseline"] == "diffusers"
     assert rec["ceiling_s"] == pytest.approx(2.0 + 6.0 * 0.5)
@@ -130,6 +130,8 @@ def test_diffusers_only_rows_fall_back_and_say_so(tmp_path, capsys):
     assert main(["bench", "report", only, "--print"]) == 0
     out = capsys.readouterr().out
     assert "| 8 s | not run | 4 s (reference) | 2.00x† |" in out and report.FALLBACK_NOTE in out
+    # the memory baseline is diffusers' own too (issue 12: read as lvsa's dense, it looked like +15 %)
+    assert "| 48.6† / 55.9 |" in out and "peak memory" in report.FALLBACK_NOTE
     older = _file(tmp_path, "dense", "2026-11-01T00:00:00+00:00",
                   [_rec(41, 1, {"dense": _variant(7.0, attn=5.0), "reference": _variant(9.0)})])
     (rec,) = rows.merge(rows.load_sources([only, older]))[0]
@@ -243,3 +245,17 @@ def test_attention_results_merge_too(tmp_path, capsys):
     model = _file(tmp_path, "m", "2026-11-03T00:00:00+00:00", [_rec(41, 1, {"dense": _variant(8.0)})])
     assert main(["bench", "report", a, model, "--print"]) == 2
     assert "do not share a table" in capsys.readouterr().err
+
+
+def test_model_markdown_marks_a_diffusers_memory_baseline():
+    """`bench model --baselines diffusers` (issue 12's 2-GPU batch-2 row): the memory column's
+    baseline is diffusers' own peak, marked like the speed claims, not lvsa's best dense."""
+    from lvsa.bench import model
+
+    rec = _rec(121, 2, {"diffusers": _variant(64.4, peak=48.6), "flashinfer": _variant(21.4, peak=55.9)}, world=2)
+    meta = {"date": "2026-11-30T07:51:55+00:00", "command": "lvsa bench model --baselines diffusers",
+            "device_before": CPU, "dtype": "bfloat16", "warmup": 1, "repeats": 1, "world_size": 2,
+            "baselines": ["diffusers"], "versions": {k: "x" for k in ("lvsa", "torch", "cuda", "diffusers", "triton",
+                                                                       "flashinfer")}}
+    md = model.markdown(meta, [rec])
+    assert "| 48.6† / 55.9 |" in md and "the baseline's peak memory" in md

@@ -528,7 +528,7 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
                    f"| {common.fmt(rec.get('dense_attention_share'))} | {n} | {t(r)} "
                    f"| {common.fmt(r.get('speedup_vs_dense'))}x{mark} | {common.fmt(r.get('speedup_vs_diffusers'))}x "
                    f"| {common.fmt(rec.get('ceiling_speedup'))}x{mark} | {common.fmt(r.get('of_ceiling'))} "
-                   f"| {common.fmt(V.get(rec.get('dense_baseline') or 'dense', {}).get('peak_alloc_gib'), '.1f')} / "
+                   f"| {common.fmt(V.get(rec.get('dense_baseline') or 'dense', {}).get('peak_alloc_gib'), '.1f')}{mark} / "
                    f"{common.fmt(r.get('peak_alloc_gib'), '.1f')} |")
             if world > 1:
                 row += (f" {common.fmt(r.get('speedup_vs_1gpu'))}x | {common.fmt(r.get('parallel_efficiency'))} "
@@ -538,7 +538,8 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     not_run = [b for b in BASELINES if b not in ran]
     if not_run:
         lines += ["", f"Baselines not run (`--baselines {' '.join(ran) or 'none'}`): {', '.join(not_run)}."
-                  + (" † = against diffusers' own attention (speedup and ceiling): the best dense was not run."
+                  + (" † = against diffusers' own attention (speedup, ceiling and the baseline's peak memory): the "
+                     "best dense was not run."
                      if "dense" in not_run and "diffusers" in ran else "")]
     errs = [(rec, n, r["error"]) for rec in records for n, r in rec["variants"].items()
             if r.get("error") and r["error"] != "OOM" and not r["error"].startswith("n/a")]

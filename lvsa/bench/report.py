@@ -32,8 +32,8 @@ MULTI_START = "<!-- lvsa-bench-multigpu:start"
 MULTI_END = "<!-- lvsa-bench-multigpu:end -->"
 QUICK_NOTE = ("**These are `--quick` results: tiny models on a CPU, produced to show the command and the table; "
               "they say nothing about performance.** GPU results replace them when a GPU run is committed.")
-FALLBACK_NOTE = ("† the best dense was not run for this row (in any file): speedup and ceiling against "
-                 "diffusers' own attention.")
+FALLBACK_NOTE = ("† the best dense was not run for this row (in any file): speedup, ceiling and the "
+                 "baseline's peak memory are diffusers' own attention's.")
 
 
 def markers(data: Dict[str, Any]):
@@ -179,7 +179,7 @@ def _model_table(records: List[Dict[str, Any]], skipped: List[str], src: bool = 
                    f"| {_t(V, 'diffusers')} | {_t(V, 'dense')} | {lv} "
                    f"| {_x(r.get('speedup_vs_dense'), mark)} | {_x(r.get('speedup_vs_diffusers'))} "
                    f"| {_x(rec.get('ceiling_speedup'), mark)} | {common.fmt(r.get('of_ceiling'))} "
-                   f"| {common.fmt(V.get(base, {}).get('peak_alloc_gib'), '.1f')} / "
+                   f"| {common.fmt(V.get(base, {}).get('peak_alloc_gib'), '.1f')}{mark} / "
                    f"{common.fmt(r.get('peak_alloc_gib'), '.1f')} |"
                    + (f" {_src(rec, ['diffusers', 'dense', b])} |" if src else ""))
     if fallback:
@@ -227,7 +227,7 @@ def _multi_gpu_table(records: List[Dict[str, Any]], skipped: List[str], src: boo
                        f"| {one_dense} | {common.fmt(one.get(b), '.3g')} "
                        f"| {_x(r.get('speedup_vs_1gpu'))} | {common.fmt(r.get('parallel_efficiency'))} "
                        f"| {common.fmt(r.get('comm_share'))} "
-                       f"| {common.fmt(V.get(base, {}).get('peak_alloc_gib'), '.1f')} / "
+                       f"| {common.fmt(V.get(base, {}).get('peak_alloc_gib'), '.1f')}{mark} / "
                        f"{common.fmt(r.get('peak_alloc_gib'), '.1f')} |"
                        + (f" {_src(rec, ['diffusers', 'dense', b], ['diffusers', 'dense', b])} |" if src else ""))
     if fallback:
