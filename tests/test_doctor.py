@@ -295,6 +295,15 @@ def test_env_contradictions_and_typos():
     assert {"env-ignored", "env-fallbacks-hidden"} <= set(notes)
 
 
+def test_env_contradictions_read_the_environment_without_the_bad_variables():
+    from lvsa.doctor.envcheck import check_contradictions
+
+    env = {"LVSA_AUTO_KEYFRAMES": "1", "LVSA_KEY_FRAME_INTERVAL": "16", "LVSA_WINDOW_SIZE": "x"}
+    assert [f.id for f in check_contradictions(env, ["LVSA_WINDOW_SIZE"])] == ["env-ignored"]
+    # a bad variable not named in `bad` makes the whole configuration unreadable: nothing to compare
+    assert check_contradictions(env, []) == []
+
+
 def test_env_backend_declared_settings_are_parsed():
     from lvsa import plugins
 

@@ -85,7 +85,8 @@ def _declared_settings() -> list:
         return []
 
 
-def check_contradictions(env: Mapping[str, str], values: Dict[str, Any], bad: List[str]) -> List[Finding]:
+def check_contradictions(env: Mapping[str, str], bad: List[str]) -> List[Finding]:
+    """Variables that contradict each other or do nothing (``bad``: those that do not parse, left out)."""
     out: List[Finding] = []
     # the deprecated schedule variables are checked below; loading them would print lvsa's own warning
     good = {k: v for k, v in env.items() if k not in bad and not k.startswith("LVSA_SCHEDULE_")}
@@ -248,7 +249,7 @@ def check_environment(env: Optional[Mapping[str, str]] = None, model: Optional[s
     if model is not None:
         get_preset(model)  # unknown names: ValueError with the list
     findings, values, bad = check_variables(env)
-    findings += check_contradictions(env, values, bad)
+    findings += check_contradictions(env, bad)
     findings += check_reference(values, model)
     findings += check_installation(env, bad, info)
     findings.sort(key=lambda f: f.severity != "problem")
