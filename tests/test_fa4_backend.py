@@ -73,6 +73,78 @@ def test_tables_at_wan_size_are_mostly_full_tiles():
     assert partial / run < 0.10
 
 
+def _per_tile_reference(mask, P, rows, tile):
+    """The tables tile by tile from the frame mask: per (query tile, key tile) the frames
+    each touches decide full / partial / absent; each row lists its key tiles ascending,
+    then the others ascending, cut to the widest row (at least 1)."""
+    A = mask.to_dense("frame")
+    T, S = mask.num_frames, mask.num_frames * P
+    lo, hi = rows or (0, S)
+    tm, tn = tile
+    M, N = -(-(hi - lo) // tm), -(-S // tn)
+    lists = {"full": [], "mask": []}
+    for m in range(M):
+        r0, r1 = lo + m * tm, min(lo + (m + 1) * tm, hi) - 1
+        fq = list(range(r0 // P, r1 // P + 1))
+        kinds = []
+        for j in range(N):
+            fk = list(range(j * tn // P, (min((j + 1) * tn, S) - 1) // P + 1))
+            block = A[fq][:, fk]
+            kinds.append("full" if block.all() else "mask" if block.any() else None)
+        for kind in lists:
+            lists[kind].append([j for j in range(N) if kinds[j] == kind])
+    out = {}
+    for kind, per_row in lists.items():
+        width = max(1, max(len(x) for x in per_row))
+        out[f"{kind}_cnt"] = torch.tensor([len(x) for x in per_row], dtype=torch.int32)[None, None]
+        out[f"{kind}_idx"] = torch.tensor(
+            [(x + [j for j in range(N) if j not in x])[:width] for x in per_row], dtype=torch.int32)[None, None]
+    full = sum(len(x) for x in lists["full"])
+    return out, (full, sum(len(x) for x in lists["mask"]), M * N)
+
+
+#: the table builder runs on the device of the problem: every device this machine has
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,P,tile,rows,W,offset", [
+    (9, 37, (16, 8), None, 1, 1),        # P not a multiple of either tile side
+    (12, 5, (8, 16), (7, 53), 2, 3),     # tiles spanning up to 4 frames, rows cut inside frames
+    (7, 128, (128, 128), None, 1, 0),    # P equal to the tile
+    (20, 50, (64, 32), (100, 999), 3, 2),
+    (4, 3, (128, 128), None, 0, 0),      # one tile holds the whole sequence
+])
+def test_tables_on_each_device_match_a_per_tile_reference(device, T, P, tile, rows, W, offset):
+    mask = plan_schedule(T, W=W, n=1, reference=3).mask(offset)
+    t = fa.tile_tables(mask, P, rows, tile, device=device)
+    want, counts = _per_tile_reference(mask, P, rows, tile)
+    for name, ref in want.items():
+        got = getattr(t, name)
+        assert got.device.type == device and got.dtype == torch.int32 and got.is_contiguous(), name
+        assert torch.equal(got.cpu(), ref), name
+    assert t.counts == counts
+    cpu = fa.tile_tables(mask, P, rows, tile)     # the CPU build: identical, bit for bit
+    for name in ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed"):
+        assert torch.equal(getattr(t, name).cpu(), getattr(cpu, name)), name
+
+
+def test_plan_builds_the_tables_on_the_problem_device(monkeypatch):
+    """A CUDA problem's tables are built on its GPU (no CPU build and copy)."""
+    seen = []
+    real = fa.tile_tables
+
+    def spy(mask, P, q_rows=None, tile=fa.TILE, device=None):
+        seen.append(torch.device(device))
+        return real(mask, P, q_rows, tile)
+
+    monkeypatch.setattr(fa, "tile_tables", spy)
+    mask = plan_schedule(9, W=1, n=1, reference=3).mask(0)
+    fa.FA4Backend().plan(mask, _problem(device=torch.device("cuda", 1)))
+    fa.FA4Backend().plan(mask, _problem(device_kind="cpu", device=None, compute_capability=None))
+    assert seen == [torch.device("cuda", 1), torch.device("cpu")]
+
+
 def _problem(**kw):
     base = dict(device_kind="cuda", dtype=torch.bfloat16, batch=2, seq_len=9 * 1560,
                 num_heads=12, num_kv_heads=12, head_dim=128, text_len=256, T=9, P=1560,

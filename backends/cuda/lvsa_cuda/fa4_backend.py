@@ -15,8 +15,10 @@ Layout
 :func:`tile_tables` turns the frame mask into, per query tile, the list of key tiles it
 needs: *full* tiles (every (row, key) pair inside is attended: no mask) and *partial*
 tiles (some are; the kernel calls :func:`mask_mod` for each element). The tables do not
-depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows) on the
-CPU with a summed-area table of the frame mask (no token-level mask is ever built). The
+depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows) with a
+few dozen torch ops on the problem's device (the GPU for a CUDA problem; 7 ms on one CPU
+core at Wan's T_lat 81) from a summed-area table of the frame mask: no token-level mask is
+ever built. The
 ``mask_mod`` reads three small int32 tables passed as FA4 ``aux_tensors``: the frame of
 every query row, the frame of every key, and the ``T x T`` frame mask. So one compiled
 kernel serves every geometry (FA4 caches it per dtype/head dim/GQA ratio).
@@ -67,49 +69,68 @@ class TileTables:
         return TileTables(**moved, tile=self.tile, counts=self.counts)
 
 
-def _pack(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the column indices where ``flag`` is set, ascending and left-packed."""
-    cnt = flag.sum(1, dtype=torch.int32)
-    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-    order = torch.argsort((~flag).to(torch.int8), dim=1, stable=True)[:, :width]
-    return cnt[None, None], order.to(torch.int32)[None, None].contiguous()
+def _stable_partition(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flag`` ``[R, N]``: the number of set columns and the column order of a
+    stable partition (set columns ascending, then the others ascending: what a stable
+    ``argsort(~flag)`` gives), in O(R * N) elementwise ops and one scatter."""
+    cnt = flag.sum(1)
+    pos = torch.where(flag, flag.cumsum(1) - 1, (~flag).cumsum(1) - 1 + cnt[:, None])
+    cols = torch.arange(flag.shape[1], device=flag.device).expand_as(pos)
+    return cnt, torch.empty_like(pos).scatter_(1, pos, cols)
 
 
 def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = None,
-                tile: Tuple[int, int] = TILE) -> TileTables:
+                tile: Tuple[int, int] = TILE, device=None) -> TileTables:
     """Block-sparse tables of ``mask`` over ``tile``-sized tiles of the video sequence
-    (``T * P`` keys; query rows ``q_rows = [lo, hi)``, default all).
+    (``T * P`` keys; query rows ``q_rows = [lo, hi)``, default all), built with torch ops
+    on ``device`` (default: the CPU; the plan of a CUDA problem builds them on its GPU).
 
     A tile is *full* when every frame pair it touches is attended, *partial* when some
-    are, and absent when none is. Built on the CPU in O(M * N) small integer ops."""
+    are, and absent when none is (counted with a summed-area table of the frame mask).
+    Query tiles covering the same frames have the same key-tile lists, so the lists are
+    built once per distinct frame range (about ``2 T`` of them) and gathered per tile.
+    Each ``*_idx`` row lists its key tiles ascending, then (up to the table width) the
+    other key tiles ascending; the kernel reads only the first ``*_cnt``."""
     T = mask.num_frames
     S = T * P
     lo, hi = q_rows if q_rows is not None else (0, S)
     if not 0 <= lo < hi <= S:
         raise ValueError(f"query rows [{lo}, {hi}) are not inside the video sequence [0, {S})")
+    dev = torch.device("cpu") if device is None else torch.device(device)
     tm, tn = tile
     n = hi - lo
     M, N = -(-n // tm), -(-S // tn)
-    A = mask.to_dense("frame").to(torch.int64)
-    sat = torch.zeros(T + 1, T + 1, dtype=torch.int64)
-    sat[1:, 1:] = A.cumsum(0).cumsum(1)
-    r0 = lo + torch.arange(M) * tm
-    r1 = torch.clamp(r0 + tm, max=hi) - 1
-    c0 = torch.arange(N) * tn
-    c1 = torch.clamp(c0 + tn, max=S) - 1
-    fq0, fq1, fk0, fk1 = r0 // P, r1 // P, c0 // P, c1 // P
-    cnt = (sat[fq1 + 1][:, fk1 + 1] - sat[fq0][:, fk1 + 1]
-           - sat[fq1 + 1][:, fk0] + sat[fq0][:, fk0])
-    area = (fq1 - fq0 + 1)[:, None] * (fk1 - fk0 + 1)[None, :]
+    allowed = mask.to_dense("frame").to(device=dev, dtype=torch.int32)
+    sat = torch.zeros(T + 1, T + 1, dtype=torch.int32, device=dev)
+    sat[1:, 1:] = allowed.cumsum(0).cumsum(1)
+    r0 = lo + torch.arange(M, device=dev) * tm
+    fq0, fq1 = r0 // P, (torch.clamp(r0 + tm, max=hi) - 1) // P
+    c0 = torch.arange(N, device=dev) * tn
+    fk0, fk1 = c0 // P, (torch.clamp(c0 + tn, max=S) - 1) // P
+    # query tiles by frame range (fq0, fq1): both ascend with the tile, so ranges are runs
+    ranges, row_of = torch.unique_consecutive(fq0 * (T + 1) + fq1, return_inverse=True)
+    a, b = ranges // (T + 1), ranges % (T + 1)
+    # attended frame pairs of each (query range, key tile) rectangle
+    col = sat.index_select(0, b + 1) - sat.index_select(0, a)            # [R, T + 1]
+    cnt = col.index_select(1, fk1 + 1) - col.index_select(1, fk0)         # [R, N]
+    area = (b - a + 1)[:, None] * (fk1 - fk0 + 1)[None, :]
     full = cnt == area
     partial = (cnt > 0) & ~full
-    full_cnt, full_idx = _pack(full)
-    mask_cnt, mask_idx = _pack(partial)
-    q_frame = torch.clamp((lo + torch.arange(M * tm)) // P, max=T - 1).to(torch.int32)
-    k_frame = torch.clamp(torch.arange(N * tn) // P, max=T - 1).to(torch.int32)
+    full_n, full_order = _stable_partition(full)
+    part_n, part_order = _stable_partition(partial)
+    f_w, p_w, f_tot, p_tot = torch.stack([
+        full_n.max(), part_n.max(), full_n[row_of].sum(), part_n[row_of].sum()]).tolist()
+
+    def per_tile(count, order, width):
+        idx = order[:, :max(width, 1)].to(torch.int32).index_select(0, row_of)
+        return count.to(torch.int32)[row_of][None, None], idx[None, None].contiguous()
+
+    full_cnt, full_idx = per_tile(full_n, full_order, f_w)
+    mask_cnt, mask_idx = per_tile(part_n, part_order, p_w)
+    q_frame = torch.clamp((lo + torch.arange(M * tm, device=dev)) // P, max=T - 1).to(torch.int32)
+    k_frame = torch.clamp(torch.arange(N * tn, device=dev) // P, max=T - 1).to(torch.int32)
     return TileTables(mask_cnt, mask_idx, full_cnt, full_idx, q_frame, k_frame,
-                      A.to(torch.int32).contiguous(), tile,
-                      (int(full.sum()), int(partial.sum()), M * N))
+                      allowed.contiguous(), tile, (f_tot, p_tot, M * N))
 
 
 def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux) -> torch.Tensor:
@@ -225,7 +246,7 @@ class FA4Backend(CudaBackend):
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         P = problem.seq_len // mask.num_frames
-        tables = tile_tables(mask, P, problem.q_rows, self.tile).to(device)
+        tables = tile_tables(mask, P, problem.q_rows, self.tile, device=device)
         return FA4Plan(tables, problem.batch, mask.num_frames, P, problem.num_heads,
                        problem.num_kv_heads, problem.head_dim, problem.dtype, problem.q_rows)
 
