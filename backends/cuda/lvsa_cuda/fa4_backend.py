@@ -173,7 +173,21 @@ def _import_error() -> Optional[str]:
 
 
 def _fa4_version() -> str:
-    return dist_version("flash-attn-4", "fa4")
+    return dist_version("flash-attn-4")
+
+
+def _not_fa4(err: str) -> bool:
+    """``flash_attn.cute`` is absent (FlashAttention 2's ``flash_attn`` without FA4), as
+    opposed to FA4 present but broken (a module or library *it* needs is missing)."""
+    return err.startswith("ModuleNotFoundError") and (
+        "'flash_attn.cute'" in err or "'flash_attn'" in err)
+
+
+#: what to do when FA4 is installed but does not import (it runs on NVIDIA's CuTe DSL)
+FA4_IMPORT_FIX = ("FA4 needs nvidia-cutlass-dsl with its nvidia-cutlass-dsl-libs-* wheels (libs-cu13 for a "
+                  "CUDA 13 torch) and apache-tvm-ffi importable: pip install --upgrade flash-attn-4 "
+                  "nvidia-cutlass-dsl apache-tvm-ffi, and python -c 'import flash_attn.cute' shows the "
+                  "whole error")
 
 
 @dataclass
@@ -195,58 +209,99 @@ class FA4Backend(CudaBackend):
     name = "fa4"
     requires = ("flash_attn",)
     install_hint = "pip install lvsa-cuda[fa4]"
-    #: measured on the H200 (benchmarks/NOTES.md); auto picks by the cost table first
-    priority = {"cuda": 105}
+    #: first on CUDA: measured faster than flashinfer at every H200 shape (1.01-1.03 of
+    #: ideal against 0.90-0.92); auto still goes by the device's cost table where it has one
+    priority = {"cuda": 120}
     supports_q_rows = True
-    #: FA4's block-sparse forward exists for Hopper (sm_90) and Blackwell (sm_100)
-    min_compute_capability = (9, 0)
-    #: a CuTe-DSL kernel is compiled per dtype/head dim/GQA ratio on first use
+    #: FA4's block-sparse forward exists for Hopper (sm_90) and Blackwell (sm_100):
+    #: checked in :meth:`extra_reasons` (an sm_120 GPU is newer but has neither)
+    min_compute_capability = None
+    #: a CuTe-DSL kernel is compiled on first use per :meth:`compile_key`
     compiles = True
-    #: the tile grid of the tables; FA4 runs 128 x 128 (tests use small tiles on the CPU)
+    compile_cache_hint = ("FA4 keeps its kernels in memory unless FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 "
+                          "(then on disk, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR)")
+    #: the tile grid of the tables on sm_90; FA4 runs 128 x 128 (tests use small tiles on the CPU)
     tile = TILE
     description = ("FlashAttention-4 CuTe-DSL forward, FlexAttention-style block sparsity over "
                    "128x128 tiles that ignore frame boundaries, a frame-table mask_mod on cut "
                    "tiles; text merged by LSE; pip install lvsa-cuda[fa4]")
 
     def availability_reasons(self):
-        missing = self.missing_packages()
-        r = [f"package {m!r} is not installed (pip install flash-attn-4, or {self.install_hint})"
-             for m in missing]
-        if not missing:
-            err = _import_error()
-            if err:
-                r.append(f"flash-attn-4 is installed but flash_attn.cute fails to import ({err}); "
-                         "FA4 needs nvidia-cutlass-dsl and cuda-bindings (pip install flash-attn-4)")
-        return r
+        if self.missing_packages():
+            return [f"FlashAttention-4 is not installed ({self.install_hint}, or pip install flash-attn-4)"]
+        err = _import_error()
+        if err is None:
+            return []
+        if _not_fa4(err):
+            other = dist_version("flash-attn")
+            here = f"flash_attn here is flash-attn {other} (FlashAttention 2, no flash_attn.cute)" \
+                if other != "?" else f"flash_attn has no flash_attn.cute ({err})"
+            return [f"FlashAttention-4 is not installed: {here} ({self.install_hint}, or pip install "
+                    "flash-attn-4: both install side by side)"]
+        return [f"flash-attn-4 {_fa4_version()} is installed but flash_attn.cute fails to import ({err}): "
+                + FA4_IMPORT_FIX]
 
     def extra_reasons(self, problem):
         if problem.T and problem.seq_len % problem.T:
             yield f"sequence length {problem.seq_len} is not a multiple of T={problem.T}"
         cc = problem.compute_capability
-        if cc is not None and cc[0] not in (9, 10):
-            yield (f"FA4's block-sparse forward runs on sm_90/sm_100 (Hopper, Blackwell), "
-                   f"this GPU is sm_{cc[0]}{cc[1]}")
+        if problem.device_kind == "cuda" and (cc is None or cc[0] not in (9, 10)):
+            have = f"sm_{cc[0]}{cc[1]}" if cc else "of unknown compute capability"
+            yield (f"FA4's block-sparse forward runs on Hopper (sm_90) and Blackwell (sm_100), this GPU is "
+                   f"{have}: flashinfer and triton are the fast backends there")
+
+    def tile_for(self, problem) -> Tuple[int, int]:
+        """The tables' tile: FA4's SM100 forward computes two 128-row query tiles per CTA
+        (``q_stage`` 2), and its block sparsity then takes 256-row query blocks (FA4's
+        interface); sm_90 runs :attr:`tile`. (Blackwell is untested.)"""
+        cc = problem.compute_capability
+        q_stage = 2 if problem.device_kind == "cuda" and cc is not None and cc[0] == 10 else 1
+        return (self.tile[0] * q_stage, self.tile[1])
 
     def compile_key(self, problem) -> str:
-        return f"{super().compile_key(problem)} fa4 {_fa4_version()}"
+        """What FA4 compiles anew for (its own compile key, in lvsa's terms): dtype, head
+        dim, text (FA4 returns the LSE then), the exact GQA ratio, batch 1 or more (the
+        tables broadcast over the batch with stride 0 only when it is > 1; FA4 keys on the
+        broadcast pattern), one head or more (likewise), the GPU architecture."""
+        key = f"{str(problem.dtype).replace('torch.', '')} head_dim={problem.head_dim}"
+        if problem.text_len:
+            key += " +text"
+        if problem.gqa:
+            key += f" gqa{problem.num_heads // max(problem.num_kv_heads, 1)}"
+        if problem.batch > 1:
+            key += " batch>1"
+        if problem.num_heads == 1:
+            key += " heads=1"
+        cc = problem.compute_capability
+        if cc:
+            key += f" sm_{cc[0]}{cc[1]}"
+        return f"{key} fa4 {_fa4_version()}"
 
     def compile_cache_dir(self):
         """FA4 keeps compiled kernels in memory; on disk only with
-        ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` (``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``)."""
+        ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``: ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``,
+        default ``<tmp>/<user>/flash_attention_cute_dsl_cache`` (FA4's ``cache_utils``)."""
+        import getpass
         import os
         import tempfile
 
         if os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") != "1":
             return None
-        return os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR") or os.path.join(
-            tempfile.gettempdir(), "flash_attention_cute_dsl_cache")
+        d = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+        if d:
+            return d
+        try:
+            user = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no user name (a container without one): FA4 fails the same
+            return None
+        return os.path.join(tempfile.gettempdir(), user, "flash_attention_cute_dsl_cache")
 
     def plan(self, mask: BlockMask, problem) -> FA4Plan:
         device = problem.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         P = problem.seq_len // mask.num_frames
-        tables = tile_tables(mask, P, problem.q_rows, self.tile, device=device)
+        tables = tile_tables(mask, P, problem.q_rows, self.tile_for(problem), device=device)
         return FA4Plan(tables, problem.batch, mask.num_frames, P, problem.num_heads,
                        problem.num_kv_heads, problem.head_dim, problem.dtype, problem.q_rows)
 
