@@ -302,6 +302,23 @@ class Config:
                            "schedule; use LVSA_SPARSITY_SCALE (e.g. 0.8 for a sparser run)")
         return out
 
+    def unit_notices(self) -> List[str]:
+        """One message per setting whose unit changed, when the user set it through the
+        environment (the engine prints each once per process as an ``[LVSA]`` line):
+        ``LVSA_KEY_FRAME_INTERVAL`` counts video frames (as the published implementation),
+        no longer latent frames. The value means what the message says; nothing is changed."""
+        src = self.sources.get("key_frame_interval")
+        if src not in ("LVSA_KEY_FRAME_INTERVAL", "LVSA_CONFIG"):
+            return []
+        name = "LVSA_KEY_FRAME_INTERVAL" if src != "LVSA_CONFIG" else "LVSA_CONFIG key_frame_interval"
+        t = self.vae_temporal_factor
+        msg = (f"{name}={self.key_frame_interval} is in video frames (earlier lvsa builds read latent "
+               f"frames): fixed keyframe interval {self.latent_key_frame_interval()} latent frames "
+               f"({self.key_frame_interval} // vae_temporal_factor {t})")
+        if self.auto_keyframes:
+            msg += "; unused while LVSA_AUTO_KEYFRAMES=1"
+        return [msg]
+
     def replace(self, **kwargs) -> "Config":
         by_name = {f.name: f for f in dataclasses.fields(self)}
         parsed = {}

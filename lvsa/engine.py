@@ -52,6 +52,8 @@ class Engine:
         self._step_t0: Optional[float] = None
         for msg in config.deprecation_notices():
             telemetry.emit("warning", message=msg)
+        for msg in config.unit_notices():
+            telemetry.emit("notice", message=msg)
         if config.window_size and not config.latent_window():
             telemetry.emit("warning", message=(
                 f"window_size={config.window_size} video frames is W=0 latent frames "

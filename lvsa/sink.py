@@ -22,6 +22,7 @@ PRINT_ONCE = {
     "compile": ("backend", "shape"),
     "compiled": ("backend", "shape"),
     "warning": ("message",),
+    "notice": ("message",),
     "plugin_error": ("plugin", "error"),
 }
 
@@ -134,3 +135,5 @@ class DefaultSink:
                         f"{f['error']}")
         elif k == "warning":
             self._print(f"[LVSA] WARNING {f['message']}")
+        elif k == "notice":  # information, not a problem (a changed unit, ...)
+            self._print(f"[LVSA] {f['message']}")

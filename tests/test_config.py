@@ -70,6 +70,30 @@ def test_schedule_vars_deprecated(capsys, fresh_plugins):
         Config.load(env={"LVSA_SCHEDULE_START": "0", "LVSA_SCHEDULE_END": "0"})
 
 
+def test_key_frame_interval_unit_notice(capsys, fresh_plugins):
+    """LVSA_KEY_FRAME_INTERVAL counts video frames now: users who set it get one [LVSA] line
+    with the unit and the latent interval it became; the schedule is what it was."""
+    from lvsa.doctor import diagnose_text
+    from lvsa.engine import Engine
+
+    env = {"LVSA_KEY_FRAME_INTERVAL": "24", "LVSA_AUTO_KEYFRAMES": "0"}
+    engines = [Engine(family="wan", config=Config.load(env=env)) for _ in range(3)]
+    err = capsys.readouterr().err
+    line = ("[LVSA] LVSA_KEY_FRAME_INTERVAL=24 is in video frames (earlier lvsa builds read latent frames): "
+            "fixed keyframe interval 6 latent frames (24 // vae_temporal_factor 4)\n")
+    assert err.count("[LVSA] LVSA_KEY_FRAME_INTERVAL=") == 1 and line in err  # once per process
+    assert engines[0].schedule(41, 16).key_frame_interval == 6                 # semantics unchanged
+    assert not diagnose_text(err + "[LVSA] engaged (wan): T_lat=41 P=16 seq_len=656 kfi=6 W=3 |G|=7 -> SPARSE\n"
+                             ).findings                                        # information, no finding
+    Engine(config=Config.load(env={"LVSA_CONFIG": '{"key_frame_interval": 32}'}))
+    assert ("[LVSA] LVSA_CONFIG key_frame_interval=32 is in video frames (earlier lvsa builds read latent "
+            "frames): fixed keyframe interval 8 latent frames (32 // vae_temporal_factor 4); unused while "
+            "LVSA_AUTO_KEYFRAMES=1\n") in capsys.readouterr().err
+    Engine(config=Config.load(env={}))
+    Engine(config=Config.load(env={}), key_frame_interval=20)  # a Python argument: no variable, no line
+    assert "key_frame_interval" not in capsys.readouterr().err
+
+
 def test_candidate_ppf_sources():
     assert Config.load(env={"LVSA_PATCHES_PER_FRAME": "880, 1560"}).candidate_ppf() == (880, 1560)
     c = Config.load(env={"LVSA_VIDEO_HEIGHT": "704", "LVSA_VIDEO_WIDTH": "1280",

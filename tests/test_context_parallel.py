@@ -288,6 +288,23 @@ def test_ranks_that_disagree_on_the_step_raise_under_lvsa_check():
         assert r.finished and "ranks disagree" in (r.error or "") and "rank 1: (24, 16, 0, 1" in r.error
 
 
+def test_a_hand_off_under_lvsa_context_parallelism_is_refused_naming_the_ranks():
+    # a call lvsa would hand to the original processor (here: an explicit mask) sees only
+    # this rank's shard under lvsa's split: an error naming the world size, not a wrong answer
+    tr = _wan_transformer(heads=2)
+
+    def case(rank, world):
+        integrations.enable(tr, context_parallel="ulysses")
+        attn = tr.blocks[0].attn1
+        hs = torch.zeros(1, 8, attn.inner_dim)
+        return attn.processor(attn, hs, attention_mask=torch.ones(1, 1, 8, 8, dtype=torch.bool))
+
+    for r in run_ranks(case, 2):
+        assert r.finished and "ContextParallelError" in (r.error or "") + (r.traceback or "")
+        assert "context parallel over 2 ranks" in r.error and "(attention_mask)" in r.error
+        assert "only this rank's 1/2 of the tokens" in r.error
+
+
 def test_context_parallel_without_a_process_group_says_how_to_launch():
     from lvsa.errors import ContextParallelError
 

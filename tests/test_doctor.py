@@ -58,6 +58,14 @@ HAND = {
 }
 
 
+@pytest.fixture(autouse=True)
+def no_installed_vllm_omni(monkeypatch):
+    """The samples name their vllm-omni (or not); the one installed here must not decide."""
+    from lvsa.doctor import versions
+
+    monkeypatch.setattr(versions, "installed_vllm_omni", lambda: None)
+
+
 def _path(name):
     p = os.path.join(DATA, name + ".log")
     return p if os.path.exists(p) else os.path.join(PUBLISHED, name + ".log")
@@ -295,6 +303,15 @@ def test_env_contradictions_and_typos():
     assert {"env-ignored", "env-fallbacks-hidden"} <= set(notes)
 
 
+def test_env_contradictions_read_the_environment_without_the_bad_variables():
+    from lvsa.doctor.envcheck import check_contradictions
+
+    env = {"LVSA_AUTO_KEYFRAMES": "1", "LVSA_KEY_FRAME_INTERVAL": "16", "LVSA_WINDOW_SIZE": "x"}
+    assert [f.id for f in check_contradictions(env, ["LVSA_WINDOW_SIZE"])] == ["env-ignored"]
+    # a bad variable not named in `bad` makes the whole configuration unreadable: nothing to compare
+    assert check_contradictions(env, []) == []
+
+
 def test_env_backend_declared_settings_are_parsed():
     from lvsa import plugins
 
@@ -448,3 +465,121 @@ def test_doctor_env_reports_a_broken_backend(monkeypatch):
     info["backends"][0]["reasons"] = _fa4_reason(monkeypatch, missing=True)
     found = {f.id: f for f in check_installation({}, [], info)}
     assert "backend-broken" not in found and found["backends-unavailable"].severity == "note"
+
+
+# ------------------------------------------------ the vllm-omni version decides the Wan advice
+_FB = " -- falling back to DENSE attention (set LVSA_WARN_FALLBACK=0 to silence)"
+_WAN_VLLM = ("$ {env}vllm serve Wan-AI/Wan2.1-T2V-14B-Diffusers --omni --ulysses-degree 2 "
+             "--diffusion-attention-config '{{\"per_role\":{{\"self\":{{\"backend\":\"LVSA\"}}}}}}'\n"
+             "{version}"
+             "INFO 11-30 04:00:40 [selector.py:88] Using diffusion attention backend 'LVSA'\n"
+             "INFO 11-30 04:01:17 [api_server.py:410] POST /v1/videos/generations num_frames=129\n"
+             "[LVSA-FALLBACK] origin=forward_cuda reason={reason} seq_len=25740{detail}" + _FB + "\n")
+
+
+def _wan_vllm(version="", reason="geometry_detect", detail=" known_ppf=[1560]", env="", installed=None):
+    from lvsa.doctor import diagnose, parse_log
+
+    text = _WAN_VLLM.format(version=version, reason=reason, detail=detail, env=env)
+    return diagnose(parse_log(text.encode()), installed_vllm_omni=lambda: installed)
+
+
+@pytest.mark.parametrize("version", [
+    "WARNING  --> vLLM-Omni version 0.22.0\n",             # vllm-omni's own version check
+    "$ pip install vllm-omni==0.22.1\n",
+    "Name: vllm-omni\nVersion: 0.22.0\n",                   # pip show
+    "INFO 11-30 03:58:11 [api_server.py:1032] vLLM API server version 0.22.0\n",  # vLLM's: same minor
+])
+def test_wan_advice_before_vllm_omni_030_is_the_guides_hook(version):
+    d = _wan_vllm(version)
+    (f,) = d.problems
+    assert f.id == "wan-hook-missing" and f.fix[0] == "export LVSA_WAN_HOOK=1"
+    assert "vllm-omni 0.22" in f.cause and "published plugin" in f.cause
+    assert any("0.22" in t for _, t in f.evidence)  # the line that names the version is evidence
+    assert "pip show vllm-omni lvsa-vllm-omni" not in f.fix
+
+
+@pytest.mark.parametrize("version, installed", [
+    ("WARNING  --> vLLM-Omni version 0.30.0\n", None),
+    ("vllm-omni                     0.30.0\n", None),       # pip list
+    ("", "0.30.0"),                                          # not in the log: this environment's
+])
+@pytest.mark.parametrize("env", ["", "LVSA_WAN_HOOK=1 "])
+def test_wan_advice_with_vllm_omni_030_is_video_layout_not_the_hook(version, installed, env):
+    d = _wan_vllm(version, reason="no_geometry", detail=" why=video_spans=0", env=env, installed=installed)
+    (f,) = d.problems
+    assert f.id == "wan-video-layout" and "video_layout" in f.cause and "vllm-omni 0.30.0" in f.cause
+    assert "LVSA_WAN_HOOK belongs to the published vllm-omni 0.22 plugin" in f.cause
+    assert not any(c.startswith("export LVSA_WAN_HOOK") for c in f.fix)
+    assert "pip install 'vllm-omni>=0.30,<0.31'" in f.fix
+    assert ("unset LVSA_WAN_HOOK   # not read by lvsa-vllm-omni (harmless)" in f.fix) == bool(env)
+    assert ("installed in this environment" in f.cause) == (installed is not None)
+
+
+def test_wan_advice_without_a_version_gives_both_cases():
+    (f,) = _wan_vllm().problems
+    assert f.id == "wan-hook-missing" and f.fix[0] == "export LVSA_WAN_HOOK=1"
+    assert "version is not in the log" in f.cause and "lvsa-vllm-omni (vllm-omni 0.30)" in f.cause
+    assert "pip show vllm-omni lvsa-vllm-omni" in f.fix
+
+
+def test_the_plugins_refusal_names_the_version():
+    refused = ("[LVSA-FALLBACK] origin=lvsa_vllm_omni.register reason=vllm_omni_version seq_len=- "
+               "found=0.22.1 supported=>=0.30,<0.31" + _FB + "\n")
+    d = _wan_vllm(refused)
+    assert "wan-hook-missing" in [f.id for f in d.problems]
+    assert "export LVSA_WAN_HOOK=1" in _fix(d, "wan-hook-missing") and "vllm-omni 0.22.1" in \
+        next(f for f in d.problems if f.id == "wan-hook-missing").cause
+
+
+@pytest.mark.parametrize("version, hook", [("0.22.0", True), ("0.30.0", False), (None, True)])
+def test_backend_not_selected_wan_advice_follows_the_version(version, hook):
+    from lvsa.doctor import diagnose, parse_log
+
+    text = ("$ vllm serve Wan-AI/Wan2.1-T2V-1.3B-Diffusers --omni\n"
+            + (f" --> vLLM-Omni version {version}\n" if version else "")
+            + "INFO 11-30 02:11:31 [selector.py:66] Defaulting to diffusion attention backend FLASH_ATTN\n")
+    d = diagnose(parse_log(text.encode()), installed_vllm_omni=lambda: None)
+    fx = _fix(d, "vllm-backend-not-selected")
+    assert ("export LVSA_WAN_HOOK=1" in fx) == hook
+    assert ("vllm-omni 0.22 plugin" in fx) == (version is None)  # unknown: the hook is said to be 0.22's
+
+
+def test_version_lines_are_parsed_and_foreign_ones_ignored():
+    from lvsa.doctor.versions import vllm_omni_version
+
+    text = ("lvsa-vllm-omni           0.1.0\nlvsa_vllm_omni==0.1.0\n"
+            "pip install 'vllm-omni>=0.30,<0.31'\nINFO vLLM API server version 0.11.0\n")
+    v = vllm_omni_version(parse_log(text.encode()), lambda: None)
+    assert (v.version, v.reads_video_layout) == ("0.11.0", False) and "vLLM 0.11.0" in v.where
+    v = vllm_omni_version(parse_log((text + "vllm_omni-0.30.1-py3-none-any.whl\n").encode()), lambda: None)
+    assert (v.version, v.reads_video_layout, v.where) == ("0.30.1", True, "the log")
+    assert vllm_omni_version(parse_log(b"INFO 11-30 [x.py:1] vllm serve M --omni\n"), lambda: None).version is None
+
+
+def test_the_doctor_knows_the_plugins_vllm_omni():
+    import lvsa_vllm_omni
+    from lvsa.doctor.versions import PLUGIN_VLLM_OMNI
+
+    assert PLUGIN_VLLM_OMNI == lvsa_vllm_omni._SUPPORTED_MINOR
+    assert lvsa_vllm_omni.SUPPORTED == ">=%d.%d,<%d.%d" % (*PLUGIN_VLLM_OMNI, PLUGIN_VLLM_OMNI[0],
+                                                            PLUGIN_VLLM_OMNI[1] + 1)
+
+
+@pytest.mark.parametrize("installed, env, ids, fix", [
+    ("0.30.0", {"LVSA_WAN_HOOK": "1"}, ["wan-hook-unused"], "unset LVSA_WAN_HOOK"),
+    ("0.30.0", {}, [], None),
+    ("0.22.1", {}, ["vllm-omni-before-plugin"], "export LVSA_WAN_HOOK=1"),
+    ("0.22.1", {"LVSA_WAN_HOOK": "1"}, ["vllm-omni-before-plugin"], "pip install 'vllm-omni>=0.30,<0.31'"),
+    (None, {"LVSA_WAN_HOOK": "1"}, [], None),
+])
+def test_env_wan_hook_advice_follows_the_installed_vllm_omni(installed, env, ids, fix):
+    from lvsa.commands.info import gather_info
+
+    d = check_environment(env=env, info=gather_info(), installed_vllm_omni=lambda: installed)
+    found = [f for f in d.findings if f.id in ("wan-hook-unused", "vllm-omni-before-plugin")]
+    assert [f.id for f in found] == ids and all(f.severity == "note" for f in found)
+    if fix:
+        assert any(c.startswith(fix) for c in found[0].fix)
+    if installed == "0.22.1" and env:  # already set: only the upgrade is offered
+        assert not any(c.startswith("export LVSA_WAN_HOOK") for c in found[0].fix)

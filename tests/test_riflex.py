@@ -220,6 +220,38 @@ def test_round_trip_and_composition_with_sparse_attention(family, fresh_plugins,
         assert torch.equal(b, buffers[n])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tables_are_built_once_per_geometry_not_per_forward(family, fresh_plugins, monkeypatch):
+    # every denoising step runs the transformer (twice with CFG), each forward hands the hooks
+    # diffusers' table: RIFLEx reads its frequencies and builds its table once, then reuses them
+    built, read, forwards = [], [], []
+    real_apply, real_read = riflex.apply_plan, riflex.table_frequencies
+    monkeypatch.setattr(riflex, "apply_plan", lambda *a: built.append(a[2]) or real_apply(*a))
+    monkeypatch.setattr(riflex, "table_frequencies", lambda *a: read.append(a[2]) or real_read(*a))
+    pipe = tiny.build(family)
+    pipe.transformer.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    kw = dict(LONG[family], num_inference_steps=3)
+    integrations.enable(pipe, riflex=True, reference_latent_frames=REF)
+    try:
+        first = tiny.run_latent(pipe, family, **kw)
+        T = integrations.last_summary(pipe)["T"]
+        assert len(forwards) >= 3 and built == [T] and read == [T]
+        assert integrations.last_summary(pipe)["riflex"]["changed"]
+        # the next generation of the same geometry builds nothing; another length builds its own
+        again = tiny.run_latent(pipe, family, **kw)
+        assert built == [T] and torch.equal(again, first)
+        tiny.run_latent(pipe, family, **dict(kw, num_frames=kw["num_frames"] + 8))
+        T2 = integrations.last_summary(pipe)["T"]
+        assert T2 == T + 2 and built == [T, T2] and read == [T]
+        # the same latent as a RIFLEx that builds its table on every forward
+        monkeypatch.setattr(riflex, "TABLE_CACHE", 0)
+        integrations.enable(pipe, riflex=True, reference_latent_frames=REF)  # a new RIFLEx: nothing kept
+        n = len(built)
+        assert torch.equal(tiny.run_latent(pipe, family, **kw), first) and len(built) - n >= 3
+    finally:
+        integrations.disable(pipe)
+
+
 def test_changes_nothing_at_or_below_the_reference(fresh_plugins, capsys):
     pipe = tiny.build("wan")
     kw = LONG["wan"]

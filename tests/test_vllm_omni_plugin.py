@@ -140,6 +140,38 @@ def test_joint_text_with_key_mask(clean, monkeypatch, capsys):
     assert "reason=" not in capsys.readouterr().err
 
 
+def test_key_index_is_built_once_for_every_layer_and_step(clean, monkeypatch):
+    """The non-video row index of a [video | text] sequence belongs to the model's geometry,
+    not to a layer or a step: built once, then shared; a new text length builds its own."""
+    monkeypatch.setenv("LVSA_REFERENCE_LATENT_FRAMES", "4")
+    built = []
+    real = runtime.non_video_rows
+    monkeypatch.setattr(runtime, "non_video_rows", lambda *a: built.append(a[:3]) or real(*a))
+    T, h, w, L = 9, 2, 2, 5
+    n = T * h * w
+    layers = [impl(prefix=f"blocks.{i}.attn1") for i in range(6)]
+    runtime.runtime_for(None).publish(clean, (T, h, w))
+    q, k, v = qkv(n + L, B=2, seed=7)
+    mask = torch.ones(2, n + L, dtype=torch.bool)
+    mask[1, n + 2:] = False  # ragged prompts: the per-sample path
+    outs = []
+    for step in (0, 1, 2):
+        clean.step = step
+        outs.append([im.run(q, k, v, meta(attn_mask=mask)) for im in layers])
+    assert built == [(0, n, n + L)]
+    # what every layer computed is what the index says: sparse video rows, masked dense text rows
+    sparse = expected_mask(T, h * w, 2, 4)
+    ref = lvsa.attention(q[1:, :n], k[1:, :n], v[1:, :n], sparse, scale=SCALE, text_k=k[1:, n:n + 2],
+                         text_v=v[1:, n:n + 2])
+    for out in outs[2]:
+        torch.testing.assert_close(out[1:, :n], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, n:], dense_masked(q[:, n:], k, v, SCALE, mask), rtol=1e-5, atol=1e-5)
+    q, k, v = qkv(n + L + 3, B=2, seed=8)  # a longer prompt
+    for im in layers:
+        im.run(q, k, v, meta(attn_mask=None))
+    assert built == [(0, n, n + L), (0, n, n + L + 3)]
+
+
 def test_joint_text_dense_below_reference_equals_masked_dense(clean):
     T, h, w, L = 3, 2, 2, 4  # hunyuan-like sizes, reference 21: dense by schedule
     n = T * h * w

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..config import Config, unknown_variables
 from ..presets import ALIASES, PRESETS, get_preset
+from . import versions
 from .findings import REFERENCE_HELP, Diagnosis, Finding, broken_backends, refusal_fixes
 
 GUIDE = ""
@@ -85,7 +86,8 @@ def _declared_settings() -> list:
         return []
 
 
-def check_contradictions(env: Mapping[str, str], values: Dict[str, Any], bad: List[str]) -> List[Finding]:
+def check_contradictions(env: Mapping[str, str], bad: List[str]) -> List[Finding]:
+    """Variables that contradict each other or do nothing (``bad``: those that do not parse, left out)."""
     out: List[Finding] = []
     # the deprecated schedule variables are checked below; loading them would print lvsa's own warning
     good = {k: v for k, v in env.items() if k not in bad and not k.startswith("LVSA_SCHEDULE_")}
@@ -173,6 +175,33 @@ def check_reference(values: Dict[str, Any], model: Optional[str]) -> List[Findin
     return []
 
 
+def check_vllm_omni(env: Mapping[str, str], installed: Optional[Callable[[], Optional[str]]] = None) -> List[Finding]:
+    """The installed vllm-omni decides which plugin serves LVSA, and whether ``LVSA_WAN_HOOK`` matters:
+    the published plugin of vllm-omni 0.22 needs it for Wan, lvsa-vllm-omni (0.30) reads ``video_layout``."""
+    found = (installed or versions.installed_vllm_omni)()
+    v = versions.VllmOmniVersion(found, "installed in this environment") if found else versions.VllmOmniVersion()
+    hook = env.get("LVSA_WAN_HOOK")
+    if v.reads_video_layout and hook is not None:
+        return [_f("wan-hook-unused", "note", "LVSA_WAN_HOOK is set, but the installed vllm-omni does not need it",
+                   [f"LVSA_WAN_HOOK={hook}", f"vllm-omni {found}"],
+                   f"{v.describe()}: LVSA is served by lvsa-vllm-omni, which reads Wan's latent grid from "
+                   "vllm-omni's video_layout and does not read LVSA_WAN_HOOK (the published vllm-omni 0.22 plugin "
+                   "did; lvsa accepts the variable for compatibility).",
+                   ["unset LVSA_WAN_HOOK   # optional: it changes nothing here"])]
+    if v.reads_video_layout is False:
+        hook_on = hook is not None and hook.strip().lower() in ("1", "true", "yes", "on")
+        fix = [f"pip install 'vllm-omni>=0.30,<0.31'   # lvsa-vllm-omni ({'.'.join(map(str, versions.PLUGIN_VLLM_OMNI))})"]
+        if not hook_on:
+            fix += ["# or, staying on the published vllm-omni 0.22 plugin, for Wan:", "export LVSA_WAN_HOOK=1"]
+        return [_f("vllm-omni-before-plugin", "note", f"vllm-omni {found} is installed: lvsa-vllm-omni does not serve it",
+                   [f"vllm-omni {found}"] + ([f"LVSA_WAN_HOOK={hook}"] if hook is not None else []),
+                   f"{v.describe()}: lvsa-vllm-omni is written for vllm-omni 0.30 and stays unregistered (one "
+                   "reason=vllm_omni_version line); LVSA there is the published plugin, which for Wan needs "
+                   "LVSA_WAN_HOOK=1 (without it Wan's _sp_plan pre-shards the sequence"
+                   + ("; it is set)." if hook_on else ")."), fix)]
+    return []
+
+
 @contextlib.contextmanager
 def _without(names: List[str]) -> Iterator[None]:
     """Run ``lvsa info``'s gathering with the unparseable variables out of the way (restored after)."""
@@ -247,15 +276,18 @@ def check_installation(env: Mapping[str, str], bad: List[str], info: Optional[Di
 
 
 def check_environment(env: Optional[Mapping[str, str]] = None, model: Optional[str] = None,
-                      info: Optional[Dict[str, Any]] = None) -> Diagnosis:
-    """Diagnose the live environment (``env`` defaults to ``os.environ``)."""
+                      info: Optional[Dict[str, Any]] = None,
+                      installed_vllm_omni: Optional[Callable[[], Optional[str]]] = None) -> Diagnosis:
+    """Diagnose the live environment (``env`` defaults to ``os.environ``; ``installed_vllm_omni``
+    returns the installed vllm-omni's version, default: its distribution metadata)."""
     env = dict(os.environ if env is None else env)
     if model is not None:
         get_preset(model)  # unknown names: ValueError with the list
     findings, values, bad = check_variables(env)
-    findings += check_contradictions(env, values, bad)
+    findings += check_contradictions(env, bad)
     findings += check_reference(values, model)
     findings += check_installation(env, bad, info)
+    findings += check_vllm_omni(env, installed_vllm_omni)
     findings.sort(key=lambda f: f.severity != "problem")
     facts = {"variables": {k: v for k, v in sorted(env.items()) if k.startswith("LVSA_")},
              "model": model and get_preset(model).name}
@@ -263,4 +295,4 @@ def check_environment(env: Optional[Mapping[str, str]] = None, model: Optional[s
 
 
 __all__ = ["check_environment", "check_variables", "check_contradictions", "check_reference",
-           "check_installation", "ALIASES", "PRESETS"]
+           "check_installation", "check_vllm_omni", "ALIASES", "PRESETS"]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..presets import FAMILY_REFERENCE, PRESETS
 from ..schedule import plan_schedule
-from . import fit
+from . import fit, versions
 from .logparse import LogRecord, ParsedLog
+from .versions import VllmOmniVersion
 
 PER_ROLE_CONFIG = '\'{"per_role":{"self":{"backend":"LVSA"}}}\''
 FAMILY_NAMES = {"wan": "Wan 2.x", "hunyuan": "HunyuanVideo 1.5", "cogvideox": "CogVideoX"}
@@ -66,6 +67,9 @@ class Context:
     warmup_fallbacks: List[LogRecord] = field(default_factory=list)
     claimed: Set[int] = field(default_factory=set)   # id() of records a rule explained
     silenced: bool = False                            # fallbacks counted but not printed
+    #: the installed vllm-omni's version (a lookup; None: :func:`versions.installed_vllm_omni`)
+    installed_vllm_omni: Optional[Callable[[], Optional[str]]] = None
+    _vllm_omni: Optional[VllmOmniVersion] = None
 
     def claim(self, *records: LogRecord) -> None:
         self.claimed.update(id(r) for r in records)
@@ -82,9 +86,16 @@ class Context:
         r = self.log.env().get(name)
         return None if r is None else r.fields["value"]
 
+    def vllm_omni(self) -> VllmOmniVersion:
+        """The vllm-omni version of the run (log first, then this environment), looked up once."""
+        if self._vllm_omni is None:
+            self._vllm_omni = versions.vllm_omni_version(
+                self.log, self.installed_vllm_omni or versions.installed_vllm_omni)
+        return self._vllm_omni
 
-def build_context(log: ParsedLog) -> Context:
-    ctx = Context(log)
+
+def build_context(log: ParsedLog, installed_vllm_omni: Optional[Callable[[], Optional[str]]] = None) -> Context:
+    ctx = Context(log, installed_vllm_omni=installed_vllm_omni)
     fam = log.family()
     if fam:
         ctx.family, ctx.preset, ctx.family_record = fam
@@ -124,8 +135,22 @@ def _vllm_fix(ctx: Context) -> List[str]:
            "python -m lvsa_vllm_omni.serve MODEL",
            f"export LVSA_AUTO_KEYFRAMES=1 LVSA_REFERENCE_LATENT_FRAMES={ref if ref else '<21|33|13>'}"]
     if ctx.family in (None, "wan"):
-        fix.append("export LVSA_WAN_HOOK=1   # Wan: without it Wan's _sp_plan pre-shards the sequence")
+        fix += wan_hook_fix(ctx.vllm_omni(), "Wan: without it Wan's _sp_plan pre-shards the sequence")
     return fix
+
+
+def wan_hook_fix(v: VllmOmniVersion, why: str, layout_note: bool = False) -> List[str]:
+    """The troubleshooting guide's Wan advice (``LVSA_WAN_HOOK=1``) where it applies: the
+    published plugin of vllm-omni before 0.30. lvsa-vllm-omni (vllm-omni 0.30) reads Wan's
+    latent grid from ``video_layout``: nothing to set (a comment with ``layout_note``).
+    An unknown version gets both cases."""
+    if v.reads_video_layout:
+        return [f"# Wan: {v.describe()} runs lvsa-vllm-omni, which reads Wan's latent grid from "
+                "video_layout (LVSA_WAN_HOOK is not needed)"] if layout_note else []
+    if v.reads_video_layout is False:
+        return [f"export LVSA_WAN_HOOK=1   # {why}"]
+    return [f"export LVSA_WAN_HOOK=1   # vllm-omni 0.22 plugin, {why}",
+            "#   (vllm-omni 0.30 with lvsa-vllm-omni reads Wan's latent grid from video_layout: no LVSA_WAN_HOOK)"]
 
 
 class SilencedFallbacks(Rule):
@@ -257,7 +282,8 @@ class WarmupFallbacks(Rule):
 
 
 class WanHookMissing(Rule):
-    """Wan under vllm-omni, fallbacks, and no ``LVSA_WAN_HOOK=1``: a pre-sharded sequence."""
+    """Wan under vllm-omni fell back for its geometry: before vllm-omni 0.30, no ``LVSA_WAN_HOOK=1``
+    (a pre-sharded sequence); with lvsa-vllm-omni (0.30), a missing or foreign ``video_layout``."""
 
     id = "wan-hook-missing"
     guide = "Symptom 1 (for Wan: LVSA_WAN_HOOK=1)"
@@ -265,8 +291,9 @@ class WanHookMissing(Rule):
     def check(self, log, ctx):
         if not (log.is_vllm_omni and ctx.family == "wan"):
             return []
+        v = ctx.vllm_omni()
         hook = ctx.env_value("LVSA_WAN_HOOK")
-        if hook is not None and hook.strip().lower() in ("1", "true", "yes", "on"):
+        if not v.reads_video_layout and hook is not None and hook.strip().lower() in ("1", "true", "yes", "on"):
             return []
         fbs = [r for r in ctx.unclaimed(ctx.generation_fallbacks)
                if r.get("reason") in ("geometry_detect", "no_t_lat", "no_geometry")]
@@ -285,18 +312,50 @@ class WanHookMissing(Rule):
                              f"P={whole[0]}, but lvsa was not told the latent frame count")
             elif fits and fits[0].shard > 1:
                 notes.append(f"seq_len={r.get('seq_len')} is exactly 1/{fits[0].shard} of {fits[0].describe()}")
+        serve = f"vllm serve MODEL --omni --diffusion-attention-config {PER_ROLE_CONFIG}"
+        keyframes = f"export LVSA_AUTO_KEYFRAMES=1 LVSA_REFERENCE_LATENT_FRAMES={ctx.reference or 21}"
+        if v.reads_video_layout:
+            return [self._video_layout(v, fbs, hook_rec, ctx, notes, serve, keyframes)]
         cause = ("this is Wan served by vllm-omni without LVSA_WAN_HOOK=1. The hook gives lvsa the latent "
                  "frame count and the whole sequence; without it Wan's _sp_plan shards the sequence across the "
                  "sequence-parallel ranks before attention, so lvsa sees a piece of the video (or no frame "
                  "count) and cannot find whole frames: every layer ran dense.")
         if notes:
             cause += " " + "; ".join(notes) + "."
+        fix = ["export LVSA_WAN_HOOK=1", keyframes, serve]
+        if v.reads_video_layout is False:
+            cause += (f" The run used {v.describe()}: before 0.30 LVSA is the published plugin, written for "
+                      "vllm-omni 0.22, which reads LVSA_WAN_HOOK; lvsa-vllm-omni needs vllm-omni 0.30 and reads "
+                      "Wan's latent grid from video_layout.")
+        else:
+            cause += (" The vllm-omni version is not in the log: LVSA_WAN_HOOK=1 is the fix for the published "
+                      "vllm-omni 0.22 plugin; lvsa-vllm-omni (vllm-omni 0.30) reads Wan's latent grid from "
+                      "video_layout and does not read it.")
+            fix += ["# vllm-omni 0.30 with lvsa-vllm-omni needs no hook; which one served this run:",
+                    "pip show vllm-omni lvsa-vllm-omni"]
         return [self.finding(
             "problem", "Wan under vllm-omni fell back to dense during generation (sequence pre-sharded)",
-            ev(*fbs, hook_rec, ctx.family_record), cause,
-            ["export LVSA_WAN_HOOK=1",
-             f"export LVSA_AUTO_KEYFRAMES=1 LVSA_REFERENCE_LATENT_FRAMES={ctx.reference or 21}",
-             f"vllm serve MODEL --omni --diffusion-attention-config {PER_ROLE_CONFIG}"])]
+            ev(*fbs, hook_rec, ctx.family_record, v.record), cause, fix)]
+
+    def _video_layout(self, v, fbs, hook_rec, ctx, notes, serve, keyframes) -> Finding:
+        reasons = ", ".join(sorted({str(r.get("reason")) for r in fbs}))
+        cause = (f"{v.describe()}: lvsa-vllm-omni serves it and takes Wan's latent grid from the attention "
+                 "metadata's video_layout, which vllm-omni 0.30's Wan transformer publishes on every "
+                 "self-attention call, with the whole sequence (Ulysses gathers it before the backend). "
+                 f"These fallbacks ({reasons}) mean the layout was missing or did not cover the sequence: a "
+                 "vllm-omni build whose Wan publishes no video_layout, or an lvsa-vllm-omni from another lvsa. "
+                 "LVSA_WAN_HOOK belongs to the published vllm-omni 0.22 plugin and changes nothing here.")
+        if notes:
+            cause += " " + "; ".join(notes) + "."
+        fix = ["pip show vllm-omni lvsa-vllm-omni   # vllm-omni 0.30.x; lvsa-vllm-omni from this lvsa",
+               "pip install 'vllm-omni>=0.30,<0.31'",
+               "pip install -U lvsa-vllm-omni", keyframes, serve]
+        if hook_rec is not None:
+            fix.append("unset LVSA_WAN_HOOK   # not read by lvsa-vllm-omni (harmless)")
+        return Finding("wan-video-layout", "problem",
+                       "Wan under vllm-omni 0.30 fell back to dense during generation (no usable video_layout)",
+                       ev(*fbs, hook_rec, ctx.family_record, v.record), cause, fix,
+                       "Symptom 1 (its LVSA_WAN_HOOK=1 is for the vllm-omni 0.22 plugin)")
 
 
 def _known_ppf(r: LogRecord) -> List[int]:
@@ -355,9 +414,13 @@ class GeometryDetect(Rule):
                     cause += "; also possible: " + "; ".join(f.describe() for f in fits[1:3])
                 cause += "."
                 if best.shard > 1:
-                    fix = ["# the P was right: the sequence reaching lvsa is a sequence-parallel shard",
-                           "export LVSA_WAN_HOOK=1   # vllm-omni Wan: attention sees the whole sequence",
-                           "# or run without sequence parallelism (one GPU per request)"]
+                    fix = ["# the P was right: the sequence reaching lvsa is a sequence-parallel shard"]
+                    if log.is_vllm_omni:
+                        fix += wan_hook_fix(ctx.vllm_omni(), "vllm-omni Wan: attention sees the whole sequence",
+                                            layout_note=True)
+                    else:
+                        fix.append("export LVSA_WAN_HOOK=1   # vllm-omni Wan: attention sees the whole sequence")
+                    fix.append("# or run without sequence parallelism (one GPU per request)")
                 else:
                     fix = [f"export {' '.join(best.env())}"]
                     res = best.resolution_env()
@@ -920,9 +983,10 @@ def _facts(log: ParsedLog, ctx: Context) -> Dict[str, Any]:
     }
 
 
-def diagnose(log: ParsedLog) -> Diagnosis:
-    """Run every rule over a parsed log."""
-    ctx = build_context(log)
+def diagnose(log: ParsedLog, installed_vllm_omni: Optional[Callable[[], Optional[str]]] = None) -> Diagnosis:
+    """Run every rule over a parsed log. ``installed_vllm_omni`` returns the vllm-omni version
+    installed here (default: the distribution's metadata), used when the log names none."""
+    ctx = build_context(log, installed_vllm_omni)
     findings: List[Finding] = []
     for rule in RULES:
         try:

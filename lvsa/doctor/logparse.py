@@ -106,6 +106,14 @@ P_GEN_SUMMARY = re.compile(r"^\s{2}(?P<key>model|video|lvsa|schedule|peak mem|la
 P_GEN_DONE = re.compile(r"^lvsa (?P<cmd>generate|decode): done in")
 P_LOGLEVEL = re.compile(r"\b(INFO|WARNING|WARN|ERROR|DEBUG|CRITICAL)\b")
 P_CLI_LVSA = re.compile(r"(?:^|\s)--(?P<flag>lvsa|no-lvsa)(?=\s|$)")
+# versions: vllm-omni's own (its version check, pip freeze/list, a wheel name) and vLLM's
+_V = r"(?P<v>\d+\.\d+[\w.+]*)"
+P_OMNI_VERSION = re.compile(r"(?<![\w-])vllm[-_ ]omni(?:==|\s+version\s+|\s+v|-)" + _V, re.I)
+P_OMNI_LIST_ROW = re.compile(r"^\s*vllm[-_]omni\s+" + _V + r"\s*$", re.I)
+P_VLLM_VERSION = re.compile(r"(?<![\w-])vLLM (?:API server )?version " + _V + r"|(?<![\w-])vllm==" + _V.replace("v>", "eq>"),
+                            re.I)
+P_PIP_SHOW_NAME = re.compile(r"^\s*Name:\s*(?P<name>vllm[-_]omni|vllm)\s*$", re.I)
+P_PIP_SHOW_VERSION = re.compile(r"^\s*Version:\s*" + _V)
 
 # model families (lvsa adapter families); order matters: the first match wins per line
 _FAMILY_PATTERNS: Tuple[Tuple[str, str, "re.Pattern"], ...] = (
@@ -311,8 +319,27 @@ def _context_records(i: int, seg: str, state: Dict[str, Any]) -> Iterable[LogRec
             state["summary"] = False
     for m in P_CLI_LVSA.finditer(seg):
         yield LogRecord(i, "cli_flag", seg, {"flag": m["flag"]})
+    yield from _version_records(i, seg, state)
     if P_LOGLEVEL.search(seg):
         yield LogRecord(i, "loglevel", seg, {})
+
+
+def _version_records(i: int, seg: str, state: Dict[str, Any]) -> Iterable[LogRecord]:
+    """``version`` records (``package`` ``vllm-omni`` or ``vllm``, ``version``)."""
+    m = P_OMNI_VERSION.search(seg) or P_OMNI_LIST_ROW.search(seg)
+    if m:
+        yield LogRecord(i, "version", seg, {"package": "vllm-omni", "version": m["v"]})
+    else:
+        m = P_VLLM_VERSION.search(seg)
+        if m:
+            yield LogRecord(i, "version", seg, {"package": "vllm", "version": m["v"] or m["eq"]})
+    m = P_PIP_SHOW_NAME.search(seg)
+    if m:  # `pip show`: the version is on a later line of the same block
+        state["pip_show"] = "vllm-omni" if "omni" in m["name"].lower() else "vllm"
+        return
+    m = P_PIP_SHOW_VERSION.search(seg)
+    if m and state.get("pip_show"):
+        yield LogRecord(i, "version", seg, {"package": state.pop("pip_show"), "version": m["v"]})
 
 
 def read_input(data: bytes, source: str = "-") -> List[str]:

@@ -149,13 +149,13 @@ class ProcessorBase:
         return cp.attention(attend, q, k, v)
 
     def refuse_under_cp(self, cp, reason: str):
-        """lvsa's own hooks shard the sequence: the original processor would attend only
-        the local shard, so a hand-off would be silently wrong. Say so instead."""
+        """lvsa's own hooks shard the sequence over ``cp``'s ranks: the original processor
+        would attend only the local shard, so a hand-off would be silently wrong. Say so instead."""
         from ..errors import ContextParallelError
         raise ContextParallelError(
-            f"context parallel: this attention call needs the original processor ({reason}), which "
-            "cannot see the other ranks' tokens under lvsa's sequence split; run it without "
-            "context_parallel, or use diffusers' enable_parallelism for this model")
+            f"context parallel over {cp.world_size} ranks: this attention call needs the original processor "
+            f"({reason}), which would attend only this rank's 1/{cp.world_size} of the tokens under lvsa's "
+            "sequence split; run it without context_parallel, or use diffusers' enable_parallelism for this model")
 
     def delegate(self, reason: str, seq_len: int, *args, **kwargs):
         """Run the original processor (``args`` as it takes them: ``attn, hidden_states, …``), loudly."""

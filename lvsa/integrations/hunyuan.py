@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..parallel import Gather, Split
 from .base import Adapter, Factors, ProcessorBase, cfg_get
+from .joint import video_attention_with_text
 
 
 class HunyuanVideo15LVSAProcessor(ProcessorBase):
@@ -81,19 +82,8 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
         Sv = key.shape[1]
 
         # 4a. video queries: lvsa over video keys + valid text keys
-        if bool((text_valid == text_valid[:1]).all()):
-            sel = text_valid[0]
-            tk, tv = (enc_key[:, sel], enc_value[:, sel]) if bool(sel.any()) else (None, None)
-            video_out = self.engine.attention(query, key, value, text_k=tk, text_v=tv, q_rows=rows)
-        else:  # different prompt lengths in one batch: one call per sample
-            outs = []
-            for b in range(B):
-                sel = text_valid[b]
-                tk = enc_key[b:b + 1, sel] if bool(sel.any()) else None
-                tv = enc_value[b:b + 1, sel] if bool(sel.any()) else None
-                outs.append(self.engine.attention(query[b:b + 1], key[b:b + 1], value[b:b + 1],
-                                                  text_k=tk, text_v=tv, q_rows=rows))
-            video_out = torch.cat(outs, dim=0)
+        video_out = video_attention_with_text(self.engine, query, key, value, enc_key, enc_value, text_valid,
+                                              q_rows=rows)
 
         # 4b. text queries: dense over every key, with the original mask rows
         all_key = torch.cat([key, enc_key], dim=1)

@@ -44,6 +44,7 @@ lives in columns ``2(j-1), 2(j-1)+1`` of every row of frame ``f`` (angle ``f · 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +52,9 @@ import torch
 
 #: the authors' margin: the clip spans at most 90% of the lowered component's period
 MARGIN = 0.9
+
+#: RIFLEx tables one pipeline keeps (Wan 2.2 A14B's two experts, a few recent geometries)
+TABLE_CACHE = 4
 
 
 # ------------------------------------------------------------------ the formula
@@ -163,6 +167,10 @@ class Riflex:
         self._generation: Optional[int] = None
         self.last_plan: Optional[RiflexPlan] = None
         self._plan_generation: Optional[int] = None
+        # the temporal frequencies of each rotary source, and the RIFLEx tables last built: a
+        # denoising loop hands the hooks the same table on every step (see :meth:`table`)
+        self._freqs: Dict[Tuple[Any, ...], List[float]] = {}
+        self._tables: "OrderedDict[Tuple[Any, ...], Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
 
     def check_k(self, n_components: int, where: str) -> None:
         check_k(self.k, n_components, where)
@@ -178,8 +186,17 @@ class Riflex:
                 "target": p.target, "changed": p.changed}
 
     def table(self, cos: torch.Tensor, sin: torch.Tensor, T: int, tokens_per_frame: int,
-              t_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The RIFLEx version of one ``(cos, sin)`` table of ``T`` latent frames."""
+              t_dim: int, source: Any = None, grid: Optional[Tuple[int, ...]] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The RIFLEx version of one ``(cos, sin)`` table of ``T`` latent frames.
+
+        ``source`` names what built the table (the rotary module, or the transformer whose
+        caller passes it) and ``grid`` its token grid ``(T, h, w)``: diffusers' table is a
+        function of the two, so with a ``source`` the frequencies are read once per source
+        (and dtype, device) and the RIFLEx table is built once per (source, geometry, frames,
+        ``k``, new period, dtype, device) and reused on every later step and generation.
+        Without a ``source`` every call reads and builds.
+        """
         from .. import telemetry
 
         reference = int(self.engine.reference)
@@ -192,13 +209,31 @@ class Riflex:
             return cos, sin
         if T < 2:  # a single frame has no temporal frequency to read or change
             return cos, sin
-        p = plan(table_frequencies(cos, sin, T, t_dim), reference, T, self.k)
+        fkey = (source, t_dim, cos.dtype, cos.device)
+        freqs = self._freqs.get(fkey) if source is not None else None
+        if freqs is None:
+            freqs = table_frequencies(cos, sin, T, t_dim)
+            if source is not None:
+                self._freqs[fkey] = freqs
+        p = plan(freqs, reference, T, self.k)
         self.last_plan, self._plan_generation = p, telemetry.SESSION.generation
         self._announce(("plan", T, p.k), lambda: telemetry.emit(
             "riflex", k=p.k, period=p.period, new_period=p.new_period, T=T, reference=reference,
             changed=p.changed, components=t_dim // 2))
-        # unchanged (T <= reference, or the period already covers T): diffusers' own tables
-        return apply_plan(cos, sin, T, p) if p.changed else (cos, sin)
+        if not p.changed:  # T <= reference, or the period already covers T: diffusers' own tables
+            return cos, sin
+        if source is None:
+            return apply_plan(cos, sin, T, p)
+        key = (source, tuple(grid or (T, tokens_per_frame)), tuple(cos.shape), T, p.k, p.new_period,
+               cos.dtype, cos.device)
+        hit = self._tables.get(key)
+        if hit is None:
+            hit = self._tables[key] = apply_plan(cos, sin, T, p)
+            while len(self._tables) > TABLE_CACHE:
+                self._tables.popitem(last=False)  # the least recently used geometry
+        else:
+            self._tables.move_to_end(key)
+        return hit
 
     def _announce(self, key, emit: Callable[[], Any]) -> None:
         from .. import telemetry
@@ -218,8 +253,8 @@ def _wan(rx: Riflex, tr) -> List[Any]:
     def hook(module, args, output):
         hs = args[0]
         p_t, p_h, p_w = module.patch_size
-        T = hs.shape[2] // p_t
-        return rx.table(output[0], output[1], T, (hs.shape[3] // p_h) * (hs.shape[4] // p_w), module.t_dim)
+        T, h, w = hs.shape[2] // p_t, hs.shape[3] // p_h, hs.shape[4] // p_w
+        return rx.table(output[0], output[1], T, h * w, module.t_dim, source=module, grid=(T, h, w))
 
     return [rope.register_forward_hook(hook)]
 
@@ -232,8 +267,8 @@ def _hunyuan(rx: Riflex, tr) -> List[Any]:
     def hook(module, args, output):
         hs = args[0]
         T = hs.shape[2] // module.patch_size_t
-        P = (hs.shape[3] // module.patch_size) * (hs.shape[4] // module.patch_size)
-        return rx.table(output[0], output[1], T, P, t_dim)
+        h, w = hs.shape[3] // module.patch_size, hs.shape[4] // module.patch_size
+        return rx.table(output[0], output[1], T, h * w, t_dim, source=module, grid=(T, h, w))
 
     return [rope.register_forward_hook(hook)]
 
@@ -254,8 +289,10 @@ def _cogvideox(rx: Riflex, tr) -> List[Any]:
             return None
         p, p_t = cfg.patch_size, cfg.patch_size_t or 1
         T = hs.shape[1] // p_t  # CogVideoX latents are [B, F, C, H, W]
+        h, w = hs.shape[3] // p, hs.shape[4] // p
         kwargs = dict(kwargs)
-        kwargs["image_rotary_emb"] = rx.table(emb[0], emb[1], T, (hs.shape[3] // p) * (hs.shape[4] // p), t_dim)
+        # the pipeline builds the table from the grid alone (_prepare_rotary_positional_embeddings)
+        kwargs["image_rotary_emb"] = rx.table(emb[0], emb[1], T, h * w, t_dim, source=module, grid=(T, h, w))
         return args, kwargs
 
     return [tr.register_forward_pre_hook(pre_hook, with_kwargs=True)]

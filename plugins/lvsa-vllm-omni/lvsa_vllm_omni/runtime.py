@@ -32,6 +32,7 @@ import torch
 
 from lvsa import telemetry
 from lvsa.engine import Engine
+from lvsa.integrations.joint import video_attention_with_text
 from lvsa.ops import default_scale, sdpa
 from lvsa.presets import FAMILY_REFERENCE, PRESETS, WAN_TI2V
 
@@ -103,6 +104,15 @@ def span_from_layout(layout) -> Tuple[Optional[VideoSpan], Optional[str]]:
     return None, f"video_spans={len(spans)}"
 
 
+def non_video_rows(start: int, length: int, seq_len: int, device) -> torch.Tensor:
+    """``[seq_len - length]`` int64: the row indices ``0..start-1`` and ``start+length..seq_len-1``."""
+    return torch.cat([torch.arange(0, start, device=device), torch.arange(start + length, seq_len, device=device)])
+
+
+#: row indices a model keeps (geometries x text lengths x devices); more is a new request's shape
+_ROW_INDEX_CACHE = 8
+
+
 # --------------------------------------------------------------- the model
 class ModelRuntime:
     """One lvsa :class:`Engine` per served model, plus what vllm-omni told it.
@@ -123,6 +133,7 @@ class ModelRuntime:
         self._started = False
         self._published: Optional[Tuple[Any, Tuple[int, int, int]]] = None
         self._warned_no_step = False
+        self._other_rows: Dict[Tuple[int, int, int, torch.device], torch.Tensor] = {}
         self.generations = 0
 
     # -- published by a pipeline (HunyuanVideo 1.5 publishes no video_layout)
@@ -169,6 +180,20 @@ class ModelRuntime:
             elif step != self._step:
                 self.engine.set_step(step)
                 self._step = step
+
+    def other_rows(self, start: int, length: int, seq_len: int, device) -> torch.Tensor:
+        """Indices of the rows outside the video span ``start:start+length`` of a sequence of
+        ``seq_len`` (text, padding): built once per (geometry, text length, device) and shared
+        by every layer and step of the model (a new geometry replaces the old ones)."""
+        key = (start, length, seq_len, torch.device(device))
+        idx = self._other_rows.get(key)
+        if idx is None:
+            idx = non_video_rows(start, length, seq_len, key[3])
+            with self._lock:
+                if len(self._other_rows) >= _ROW_INDEX_CACHE:
+                    self._other_rows.clear()
+                self._other_rows[key] = idx
+        return idx
 
     @property
     def step(self) -> Optional[int]:
@@ -349,27 +374,14 @@ class LVSAImplCore:
         scale = self.softmax_scale
         if a == 0 and n == S:  # video only (Wan without padding)
             return eng.attention(q, k, v, scale=scale, origin=origin)
-        other = torch.cat([torch.arange(0, a, device=q.device), torch.arange(a + n, S, device=q.device)])
+        other = rt.other_rows(a, n, S, q.device)
         qv, kv_, vv = q[:, a:a + n], k[:, a:a + n], v[:, a:a + n]
         ko, vo = k.index_select(1, other), v.index_select(1, other)
         out = torch.empty_like(q)
         # video queries: sparse over the video keys, dense over every valid other key (text, padding
         # that is not masked); merged exactly by the engine's backend
-        if key_mask is None:
-            out[:, a:a + n] = eng.attention(qv, kv_, vv, text_k=ko, text_v=vo, scale=scale, origin=origin)
-        else:
-            valid = key_mask.index_select(1, other)
-            if bool((valid == valid[:1]).all()):
-                sel = valid[0]
-                tk, tv = (ko[:, sel], vo[:, sel]) if bool(sel.any()) else (None, None)
-                out[:, a:a + n] = eng.attention(qv, kv_, vv, text_k=tk, text_v=tv, scale=scale, origin=origin)
-            else:  # prompts of different lengths in one batch: one call per sample
-                for b in range(q.shape[0]):
-                    sel = valid[b]
-                    tk = ko[b:b + 1, sel] if bool(sel.any()) else None
-                    tv = vo[b:b + 1, sel] if bool(sel.any()) else None
-                    out[b:b + 1, a:a + n] = eng.attention(qv[b:b + 1], kv_[b:b + 1], vv[b:b + 1],
-                                                          text_k=tk, text_v=tv, scale=scale, origin=origin)
+        valid = None if key_mask is None else key_mask.index_select(1, other)
+        out[:, a:a + n] = video_attention_with_text(eng, qv, kv_, vv, ko, vo, valid, scale=scale, origin=origin)
         # the other queries (text, padding): dense over all keys with the mask, as vllm-omni's SDPA does
         if other.numel():
             out[:, other] = dense_masked(q.index_select(1, other), k, v, scale, key_mask).to(q.dtype)
