@@ -12,8 +12,12 @@ lower is faster). Sources, best first:
   each backend variant over the ``dense`` variant's, for the classes the attention
   results do not cover.
 
-    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-final-*.json \
-        benchmarks/results/model-h200-final-*.json
+The shipped H200 table (its ``sources`` list names the files: the final attention run, the
+two runs with fa4, and the one-GPU model runs with a dense baseline; the earlier tuning runs,
+call1/call2/full/flex/verify, are left out: the final run re-measured their shapes):
+
+    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-{final,fa4,rows}-*.json \
+        benchmarks/results/model-h200-{final,rows,rows14b,verify2-cogvideox}-*.json
 """
 from __future__ import annotations
 

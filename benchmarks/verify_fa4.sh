@@ -30,7 +30,7 @@ import flash_attn.cute  # noqa: F401
 print("flash_attn.cute imports")
 PY
 t0=$(date +%s)
-timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_fa4_backend.py -k real_kernel 2>&1 | tail -15 | tee -a "$log"
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_fa4_backend.py -k "real_kernel or on_each_device" 2>&1 | tail -15 | tee -a "$log"
 echo "[run] GPU tests (incl. FA4 compiles) $(( $(date +%s) - t0 ))s" | tee -a "$log"
 timeout 120 python3 -m lvsa.testing fa4 --device cuda 2>&1 | tail -30 | tee -a "$log"
 left=$(( 540 - ($(date +%s) - start) ))

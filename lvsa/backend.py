@@ -151,6 +151,9 @@ class Backend:
     #: its first use for a new kind of problem compiles kernels (JIT): the dispatcher prints
     #: ``[LVSA] compiling ...`` / ``... compiled in N.Ns`` and ``lvsa warmup`` builds ahead
     compiles: bool = False
+    #: how to keep its compiled kernels across processes when :meth:`compile_cache_dir` is
+    #: ``None`` (they live in memory only): ``lvsa warmup`` and ``lvsa info`` say it
+    compile_cache_hint: str = ""
 
     #: the rank of a backend that declares no :attr:`priority` (above the reference's 0)
     DEFAULT_PRIORITY = 10

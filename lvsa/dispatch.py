@@ -172,7 +172,9 @@ def rank_by_cost(problem: Problem, cls: costs.ShapeClass, cands: List[str], conf
             order = sorted(measured, key=lambda c: row["costs"][c]) + [c for c in cands if c not in measured]
             return order, (f"cost table {row['table']} ({dev}, {cls}): "
                            + ", ".join(f"{c} {row['costs'][c]:.3f}" for c in measured) + " x dense time")
-        note = f"; cost table row for {cls} lacks {cands[0]}"
+        note = (f"; cost table {row['table']} has a row for {cls} but it lacks {cands[0]}, the first in "
+                "rank (" + (", ".join(f"{c} {row['costs'][c]:.3f}" for c in measured) or "no candidate")
+                + " x dense time)")
     if config.autotune and cls.density != "?":
         cache = costs.ProbeCache(config.cost_cache)
         try:
@@ -196,7 +198,8 @@ def rank_by_cost(problem: Problem, cls: costs.ShapeClass, cands: List[str], conf
         note += "; probe pending (the first call of this class probes)"
     elif cls.density != "?" and row is None:
         note += "; LVSA_AUTOTUNE=1 would probe"
-    return list(cands), f"declared rank (no cost table row for {dev}, {cls}{note})"
+    head = f"no cost table row for {dev}, {cls}" if row is None else f"{dev}"
+    return list(cands), f"declared rank ({head}{note})"
 
 
 def _describe(problem: Problem) -> str:

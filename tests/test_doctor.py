@@ -397,6 +397,76 @@ def test_the_vllm_omni_plugins_own_lines():
     assert "query_ranges" in causes["fallback-unsupported-metadata"]
 
 
+# ------------------------------------------------------------------ the fa4 backend's failure modes
+def _fa4_reason(monkeypatch, import_error=None, missing=False):
+    from lvsa.backend import Problem
+    from lvsa_cuda import fa4_backend as fa
+
+    import torch
+    be = fa.FA4Backend()
+    monkeypatch.setattr(be, "missing_packages", lambda: ["flash_attn"] if missing else [])
+    monkeypatch.setattr(fa, "_import_error", lambda: import_error)
+    monkeypatch.setattr(fa, "dist_version", lambda *d: "4.0.0b36" if d == ("flash-attn-4",) else "?")
+    p = Problem("cuda", torch.bfloat16, 1, 81 * 1560, 12, 12, 128, T=81, P=1560, compute_capability=(9, 0))
+    return be.not_supported_reasons(p)
+
+
+def _selection_line(backend, refused):
+    """The selection line exactly as lvsa's default sink prints it."""
+    import contextlib
+    from io import StringIO
+
+    from lvsa import telemetry
+
+    err = StringIO()
+    with contextlib.redirect_stderr(err):
+        telemetry.emit("selection", backend=backend, device="cuda", refused=refused, why="", shape="")
+    return err.getvalue()
+
+
+def test_doctor_log_names_a_broken_fa4_install_and_its_fix(monkeypatch):
+    why = _fa4_reason(monkeypatch, "ModuleNotFoundError: No module named 'tvm_ffi'")
+    log = _selection_line("flashinfer", {"fa4": why})
+    assert log.startswith("[LVSA] backend=flashinfer (auto on cuda) refused: fa4: ")
+    d = diagnose_text(log.encode(), "fa4-broken")
+    assert [f.id for f in d.problems] == ["backend-broken"]
+    f = d.problems[0]
+    assert "the fa4 backend is installed but does not import" in f.symptom and "tvm_ffi" in f.cause
+    fx = _fix(d, "backend-broken")
+    assert "python -c 'import flash_attn.cute'" in fx
+    assert "pip install --upgrade flash-attn-4 nvidia-cutlass-dsl apache-tvm-ffi   # fa4" in fx
+
+
+def test_doctor_install_fixes_are_per_backend(monkeypatch):
+    """Every fast backend refused on a GPU: each missing one gets its own install command."""
+    why = _fa4_reason(monkeypatch, missing=True)
+    log = _selection_line("reference", {
+        "fa4": why, "flashinfer": ["package 'flashinfer' is not installed (pip install lvsa-cuda[flashinfer])"]})
+    d = diagnose_text(log.encode(), "fa4-missing")
+    assert [f.id for f in d.problems] == ["slow-backend"]
+    fx = _fix(d, "slow-backend")
+    assert "pip install 'lvsa-cuda[fa4]'   # fa4" in fx and "pip install 'lvsa-cuda[flashinfer]'   # flashinfer" in fx
+
+
+def test_doctor_env_reports_a_broken_backend(monkeypatch):
+    from lvsa.doctor.envcheck import check_installation
+
+    broken = _fa4_reason(monkeypatch, "OSError: libcute_dsl_runtime.so: cannot open shared object file")
+    info = {"problem": "cuda bfloat16 B=1 T=81", "auto_selects": "flashinfer", "backends": [
+        {"name": "fa4", "reasons": broken}, {"name": "flashinfer", "reasons": []},
+        {"name": "triton", "reasons": []}]}
+    found = {f.id: f for f in check_installation({}, [], info)}
+    f = found["backend-broken"]
+    assert f.severity == "problem" and "selects flashinfer now" in f.cause
+    assert "libcute_dsl_runtime.so" in f.evidence[0][1]
+    assert "python -c 'import flash_attn.cute'" in "\n".join(f.fix)
+    assert "slow-backend" not in found
+    # not installed is no problem while another fast backend runs: a note, like every refusal
+    info["backends"][0]["reasons"] = _fa4_reason(monkeypatch, missing=True)
+    found = {f.id: f for f in check_installation({}, [], info)}
+    assert "backend-broken" not in found and found["backends-unavailable"].severity == "note"
+
+
 # ------------------------------------------------ the vllm-omni version decides the Wan advice
 _FB = " -- falling back to DENSE attention (set LVSA_WARN_FALLBACK=0 to silence)"
 _WAN_VLLM = ("$ {env}vllm serve Wan-AI/Wan2.1-T2V-14B-Diffusers --omni --ulysses-degree 2 "

@@ -73,6 +73,80 @@ def test_tables_at_wan_size_are_mostly_full_tiles():
     assert partial / run < 0.10
 
 
+def _per_tile_reference(mask, P, rows, tile):
+    """The tables tile by tile from the frame mask: per (query tile, key tile) the frames
+    each touches decide full / partial / absent; each row lists its key tiles ascending,
+    then the others ascending, cut to the widest row (at least 1)."""
+    A = mask.to_dense("frame")
+    T, S = mask.num_frames, mask.num_frames * P
+    lo, hi = rows or (0, S)
+    tm, tn = tile
+    M, N = -(-(hi - lo) // tm), -(-S // tn)
+    lists = {"full": [], "mask": []}
+    for m in range(M):
+        r0, r1 = lo + m * tm, min(lo + (m + 1) * tm, hi) - 1
+        fq = list(range(r0 // P, r1 // P + 1))
+        kinds = []
+        for j in range(N):
+            fk = list(range(j * tn // P, (min((j + 1) * tn, S) - 1) // P + 1))
+            block = A[fq][:, fk]
+            kinds.append("full" if block.all() else "mask" if block.any() else None)
+        for kind in lists:
+            lists[kind].append([j for j in range(N) if kinds[j] == kind])
+    out = {}
+    for kind, per_row in lists.items():
+        width = max(1, max(len(x) for x in per_row))
+        out[f"{kind}_cnt"] = torch.tensor([len(x) for x in per_row], dtype=torch.int32)[None, None]
+        out[f"{kind}_idx"] = torch.tensor(
+            [(x + [j for j in range(N) if j not in x])[:width] for x in per_row], dtype=torch.int32)[None, None]
+    full = sum(len(x) for x in lists["full"])
+    return out, (full, sum(len(x) for x in lists["mask"]), M * N)
+
+
+#: the table builder runs on the device of the problem: every device this machine has
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,P,tile,rows,W,offset", [
+    (9, 37, (16, 8), None, 1, 1),        # P not a multiple of either tile side
+    (12, 5, (8, 16), (7, 53), 2, 3),     # tiles spanning up to 4 frames, rows cut inside frames
+    (7, 128, (128, 128), None, 1, 0),    # P equal to the tile
+    (20, 50, (64, 32), (100, 999), 3, 2),
+    (4, 3, (128, 128), None, 0, 0),      # one tile holds the whole sequence
+])
+def test_tables_on_each_device_match_a_per_tile_reference(device, T, P, tile, rows, W, offset):
+    mask = plan_schedule(T, W=W, n=1, reference=3).mask(offset)
+    t = fa.tile_tables(mask, P, rows, tile, device=device)
+    want, counts = _per_tile_reference(mask, P, rows, tile)
+    for name, ref in want.items():
+        got = getattr(t, name)
+        assert got.device.type == device and got.dtype == torch.int32 and got.is_contiguous(), name
+        assert torch.equal(got.cpu(), ref), name
+    assert t.counts == counts
+    cpu = fa.tile_tables(mask, P, rows, tile)     # the CPU build: identical, bit for bit
+    for name in ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed"):
+        assert torch.equal(getattr(t, name).cpu(), getattr(cpu, name)), name
+
+
+def test_plan_builds_the_tables_on_the_problem_device(monkeypatch):
+    """A CUDA problem's tables are built on its GPU (no CPU build and copy)."""
+    seen = []
+    real = fa.tile_tables
+
+    def spy(mask, P, q_rows=None, tile=fa.TILE, device=None):
+        seen.append((torch.device(device), tile))
+        return real(mask, P, q_rows, tile)
+
+    monkeypatch.setattr(fa, "tile_tables", spy)
+    mask = plan_schedule(9, W=1, n=1, reference=3).mask(0)
+    fa.FA4Backend().plan(mask, _problem(device=torch.device("cuda", 1)))
+    fa.FA4Backend().plan(mask, _problem(device=torch.device("cuda", 0), compute_capability=(10, 0)))
+    fa.FA4Backend().plan(mask, _problem(device_kind="cpu", device=None, compute_capability=None))
+    assert seen == [(torch.device("cuda", 1), (128, 128)), (torch.device("cuda", 0), (256, 128)),
+                    (torch.device("cpu"), (128, 128))]
+
+
 def _problem(**kw):
     base = dict(device_kind="cuda", dtype=torch.bfloat16, batch=2, seq_len=9 * 1560,
                 num_heads=12, num_kv_heads=12, head_dim=128, text_len=256, T=9, P=1560,
@@ -84,12 +158,57 @@ def _problem(**kw):
 def test_reasons(monkeypatch):
     be = fa.FA4Backend()
     monkeypatch.setattr(be, "missing_packages", lambda: ["flash_attn"])
-    assert any("pip install flash-attn-4" in r for r in be.not_supported_reasons(_problem()))
+    (r,) = be.not_supported_reasons(_problem())
+    assert "FlashAttention-4 is not installed" in r and "pip install lvsa-cuda[fa4]" in r
     monkeypatch.setattr(be, "missing_packages", lambda: [])
+    # FlashAttention 2's flash_attn has no flash_attn.cute: FA4 is not installed, FA2 named
+    monkeypatch.setattr(fa, "_import_error", lambda: "ModuleNotFoundError: No module named 'flash_attn.cute'")
+    monkeypatch.setattr(fa, "dist_version", lambda *d: "2.8.3" if d == ("flash-attn",) else "?")
+    (r,) = be.not_supported_reasons(_problem())
+    assert "FlashAttention-4 is not installed" in r and "flash-attn 2.8.3 (FlashAttention 2" in r
+    # FA4 installed but its CuTe DSL runtime missing: broken, with what it needs
+    monkeypatch.setattr(fa, "_import_error", lambda: "ModuleNotFoundError: No module named 'tvm_ffi'")
+    (r,) = be.not_supported_reasons(_problem())
+    assert "is installed but flash_attn.cute fails to import (ModuleNotFoundError: No module named 'tvm_ffi')" in r
+    assert "nvidia-cutlass-dsl" in r and "apache-tvm-ffi" in r and "; " not in r  # "; " splits log lines
     monkeypatch.setattr(fa, "_import_error", lambda: "ImportError: libcuda.so.1")
     r = be.not_supported_reasons(_problem(compute_capability=(8, 0)))
     assert any("fails to import (ImportError: libcuda.so.1)" in x for x in r)
-    assert any("compute capability" in x or "sm_80" in x for x in r)
+    # one architecture reason (Ampere is below, sm_120 is newer: neither has FA4's forward)
+    assert [x for x in r if "sm_80" in x or "compute capability" in x] == [
+        "FA4's block-sparse forward runs on Hopper (sm_90) and Blackwell (sm_100), this GPU is sm_80: "
+        "flashinfer and triton are the fast backends there"]
+    monkeypatch.setattr(fa, "_import_error", lambda: None)
+    assert any("sm_120" in x for x in be.not_supported_reasons(_problem(compute_capability=(12, 0))))
+    assert be.not_supported_reasons(_problem(compute_capability=(9, 0))) == []
+    assert be.not_supported_reasons(_problem(compute_capability=(10, 0))) == []
+
+
+def test_compile_key_follows_what_fa4_compiles_for(monkeypatch):
+    """FA4 compiles per dtype, head dim, LSE (text), GQA ratio, the tables' broadcast
+    pattern (batch 1 or more, one head or more) and architecture: so does the key
+    (measured on the H200: batch 2 after batch 1 compiled again, ~5 s)."""
+    monkeypatch.setattr(fa, "dist_version", lambda *d: "4.0.0b36")
+    be = fa.FA4Backend()
+    key = lambda **kw: be.compile_key(_problem(**kw))  # noqa: E731
+    assert key(batch=1, text_len=0) == "bfloat16 head_dim=128 sm_90 fa4 4.0.0b36"
+    assert key(batch=2, text_len=256) == "bfloat16 head_dim=128 +text batch>1 sm_90 fa4 4.0.0b36"
+    assert key(batch=3) == key(batch=2) != key(batch=1)
+    assert "gqa4" in key(num_heads=16, num_kv_heads=4) and key(num_heads=16, num_kv_heads=4) != key(
+        num_heads=16, num_kv_heads=2)
+    assert "heads=1" in key(num_heads=1, num_kv_heads=1)
+    assert key(compute_capability=(10, 0)) != key()
+
+
+def test_blackwell_tables_use_fa4s_256_row_query_blocks():
+    """FA4's SM100 forward runs two 128-row query tiles per CTA: its block sparsity takes
+    256-row query blocks there (Blackwell is untested: the tables are what FA4 asks for)."""
+    be = fa.FA4Backend()
+    assert be.tile_for(_problem(compute_capability=(9, 0))) == (128, 128)
+    assert be.tile_for(_problem(compute_capability=(10, 0))) == (256, 128)
+    assert be.tile_for(_problem(device_kind="cpu", device=None, compute_capability=None)) == (128, 128)
+    be.tile = (8, 8)
+    assert be.tile_for(_problem(compute_capability=(10, 3))) == (16, 8)
 
 
 @pytest.mark.parametrize("B,H,Hkv,L,D,tile", [(2, 4, 2, 5, 16, (8, 8)), (1, 2, 2, 0, 8, (128, 128)),
@@ -172,3 +291,126 @@ def test_real_kernel_against_the_reference(D, H, Hkv, B, T, P, L, rows, dtype):
     atol, rtol = be.tolerance(dtype)
     err = (out.float() - want).abs().max().item()
     assert torch.allclose(out.float(), want, atol=atol, rtol=rtol), f"max abs error {err}"
+
+
+# ------------------------------------------------------------ auto selection on the H200
+#: the H200 shapes with fa4 in the committed results: (name, heads, head_dim, text, T, P, ref)
+H200_MEASURED = [
+    ("wan1.3b-t81", 12, 128, 0, 81, 1560, 21),
+    ("wan1.3b-t121", 12, 128, 0, 121, 1560, 21),
+    ("wan14b-t81", 40, 128, 0, 81, 1560, 21),
+    ("hy-t65-text", 16, 128, 256, 65, 1560, 33),
+    ("cogvideox-5b-t51", 48, 64, 226, 51, 1350, 13),
+    ("wan1.3b-t21 (a full mask)", 12, 128, 0, 21, 1560, 21),
+]
+
+
+@pytest.fixture
+def h200(fresh_plugins, monkeypatch):
+    """The real registry on a (described) H200, FA4 importable: selection reads the shipped
+    NVIDIA H200 cost table."""
+    from lvsa import costs
+
+    monkeypatch.setattr(costs, "device_name", lambda device: "NVIDIA H200")
+    costs.tables.cache_clear()
+    monkeypatch.setattr(fa.FA4Backend, "missing_packages", lambda self: [])
+    monkeypatch.setattr(fa, "_import_error", lambda: None)
+    for var in ("LVSA_BACKEND", "LVSA_AUTOTUNE", "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    costs.tables.cache_clear()
+
+
+def _h200_problem(heads, D, text, T, P, batch=1):
+    return Problem("cuda", torch.bfloat16, batch, T * P, heads, heads, D, text_len=text, T=T, P=P,
+                   compute_capability=(9, 0), device=torch.device("cuda", 0))
+
+
+def _select(heads, D, text, T, P, ref):
+    from lvsa import costs, dispatch
+    from lvsa.config import Config
+
+    density = plan_schedule(T, W=3, n=1, reference=ref).mask(0).density()
+    problem = _h200_problem(heads, D, text, T, P)
+    sel = dispatch.select_backend(problem, density=density, config=Config.load(env={}))
+    return sel, costs.table_row("NVIDIA H200", costs.shape_class(heads, D, text, density))
+
+
+def test_fa4_ranks_first_on_cuda(h200):
+    from lvsa import dispatch
+
+    assert dispatch.auto_order("cuda")[:3] == ["fa4", "flashinfer", "triton"]
+
+
+@pytest.mark.parametrize("name,heads,D,text,T,P,ref", H200_MEASURED)
+def test_auto_picks_fa4_where_the_h200_table_measured_it_fastest(h200, name, heads, D, text, T, P, ref):
+    sel, row = _select(heads, D, text, T, P, ref)
+    assert "fa4" in row["costs"] and min(row["costs"], key=row["costs"].get) == "fa4"
+    assert sel.name == "fa4"
+    assert sel.why.startswith("cost table costs-nvidia-h200.json (NVIDIA H200, ")
+    assert f"fa4 {row['costs']['fa4']:.3f}" in sel.why
+
+
+@pytest.mark.parametrize("name,heads,D,text,T,P,ref", H200_MEASURED)
+def test_without_fa4_auto_takes_the_next_cheapest_measured(h200, monkeypatch, name, heads, D, text, T, P, ref):
+    from lvsa_cuda.flashinfer_backend import FlashInferBackend
+
+    monkeypatch.setattr(fa.FA4Backend, "missing_packages", lambda self: ["flash_attn"])
+    monkeypatch.setattr(FlashInferBackend, "availability_reasons", lambda self: [])  # as on the H200
+    sel, row = _select(heads, D, text, T, P, ref)
+    assert "FlashAttention-4 is not installed" in sel.refused["fa4"][0]
+    able = {b: c for b, c in row["costs"].items() if b in ("flashinfer", "triton", "reference")}
+    assert sel.name == min(able, key=able.get) and sel.why.startswith("cost table costs-nvidia-h200.json")
+
+
+def test_a_class_the_table_has_without_fa4_goes_by_rank_and_says_so(h200):
+    """HunyuanVideo T49 + text (near dense) was measured before fa4 existed: its row has no fa4,
+    so the declared rank decides (fa4 first) and the reason says the row lacks it."""
+    sel, row = _select(16, 128, 256, 49, 1560, 33)
+    assert row is not None and "fa4" not in row["costs"]
+    assert sel.name == "fa4"
+    assert sel.why.startswith("declared rank (NVIDIA H200; cost table costs-nvidia-h200.json has a row for ")
+    assert "lacks fa4, the first in rank (" in sel.why
+
+
+def test_info_shows_fa4_chosen_and_why_on_an_h200(h200, monkeypatch, capsys):
+    from lvsa import cli, devices
+
+    gpu = devices.DeviceInfo("cuda", 0, "NVIDIA H200", (9, 0), 143 * 2**30)
+    monkeypatch.setattr(devices, "all_devices", lambda: [gpu, devices.DeviceInfo("cpu", None, "CPU")])
+    monkeypatch.setattr(devices, "default_device_kind", lambda: "cuda")
+    assert cli.main(["info", "--json"]) == 0
+    import json
+    d = json.loads(capsys.readouterr().out)
+    assert d["auto_selects"] == "fa4" and d["auto_order"][0] == "fa4"
+    assert d["selection_why"].startswith("cost table costs-nvidia-h200.json (NVIDIA H200, density 0.20-0.35")
+    row = next(b for b in d["backends"] if b["name"] == "fa4")
+    assert row["available"] and row["compiles"] and "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1" in row[
+        "compile_in_memory"]
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "auto selects: fa4" in out and "  why: cost table costs-nvidia-h200.json (NVIDIA H200" in out
+    assert "compiles on first use (once per process: FA4 keeps its kernels in memory" in out
+
+
+def test_warmup_builds_fa4_for_batch_one_and_more(fresh_plugins, fake_fa4, monkeypatch, capsys):
+    """lvsa warmup builds each FA4 kernel a generation can need: batch 1 and batch > 1 are two
+    (FA4 keys on the tables' broadcast pattern), and it says they last only in this process."""
+    import json
+
+    from lvsa import cli
+
+    monkeypatch.setattr(fa.FA4Backend, "devices", ("cuda", "cpu"))  # the stand-in runs on the CPU
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    assert cli.main(["warmup", "--backends", "fa4", "--device", "cpu", "--model", "wan2.1-t2v-1.3b",
+                     "--json"]) == 0
+    out, err = capsys.readouterr()
+    rec = next(r for r in json.loads(out)["backends"] if r["backend"] == "fa4")
+    assert len(rec["built"]) == 2 and not rec["failed"]
+    assert ["batch>1" in k for k in rec["built"]] == [False, True]
+    assert len(fake_fa4) == 2                                          # two kernel calls, one per key
+    assert "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1" in rec["in_memory"]
+    for key in rec["built"]:
+        assert f"[LVSA] compiling fa4 for {key}..." in err
+    assert cli.main(["warmup", "--backends", "fa4", "--device", "cpu", "--model", "wan2.1-t2v-1.3b"]) == 0
+    assert "fa4: built in this process only, the next one compiles again: FA4 keeps" in capsys.readouterr().out

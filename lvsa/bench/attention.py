@@ -63,7 +63,6 @@ SHAPES = [
     Shape("wan1.3b-t121-b2", "Wan 1.3B", 12, 121, 21, batch=2),
 ]
 SHAPE_BY_NAME = {s.name: s for s in SHAPES}
-SPARSE = ("flex", "reference", "flashinfer", "triton")
 
 
 # tiny shapes for --quick (CPU): above the horizon so the masks are sparse
@@ -352,70 +351,84 @@ def selfcheck(backends) -> list:  # CUDA only
     return rows
 
 
+#: dense kernels of a record (``dense_<kind>``) and their column labels, in column order
+DENSE_LABELS = {"dense_cudnn": "cuDNN", "dense_fa2": "FA2", "dense_sdpa": "SDPA"}
+
+
+def is_backend(name: str) -> bool:
+    """A result of an lvsa backend (not a dense baseline, not a ``triton[cfg]`` sweep entry)."""
+    return not name.startswith("dense_") and "[" not in name and name != "inputs"
+
+
 def summarize(rec):
+    """Per backend with a time: ``<backend>_vs_ideal`` (``ideal / ms``: 1.0 = the best dense
+    kernel's per-FLOP speed on the attended blocks); ``rec["best_backend"]``: the fastest."""
     R = rec["results"]
+    ideal = rec.get("ideal_ms")
+    timed = {n: r["ms"] for n, r in R.items() if not n.startswith("dense_") and r.get("ms")}
+    rec["ratios"] = {f"{n}_vs_ideal": ideal / ms for n, ms in timed.items()} if ideal else {}
+    lvsa = {n: ms for n, ms in timed.items() if is_backend(n)}
+    rec["best_backend"] = min(lvsa, key=lvsa.get) if lvsa else None
+    return rec["ratios"]
 
-    def ms(n):
-        return R.get(n, {}).get("ms")
 
-    out = {}
-    fi, tr, fx, ideal = ms("flashinfer"), ms("triton"), ms("flex"), rec.get("ideal_ms")
-    if fi and ideal:
-        out["flashinfer_vs_ideal"] = ideal / fi
-    if tr and ideal:
-        out["triton_vs_ideal"] = ideal / tr
-    if tr and fi:
-        out["triton_speed_vs_flashinfer"] = fi / tr
-    if fx and fi:
-        out["flashinfer_speedup_vs_flex"] = fx / fi
-    if fx and tr:
-        out["triton_speedup_vs_flex"] = fx / tr
-    rec["ratios"] = out
+def _cell(R, n):
+    """A time cell: ms, OOM, n/a (refused), err, or — (not run)."""
+    v = R.get(n, {}).get("ms")
+    e = R.get(n, {}).get("error", "")
+    return f"{v:.1f}" if v else ("OOM" if e == "OOM" else "n/a" if e.startswith("refused") else "err" if e else "—")
+
+
+def table(records, src=None) -> List[str]:
+    """The per-shape table of ``records`` (one run, or several merged): the dense kernels'
+    and every backend's milliseconds (the columns are those present in the records), the
+    ideal, each backend's ratio to it, the fastest backend, the errors against the
+    reference and the memory beyond q, k, v and the output. ``src(rec, names)``: the
+    source column of a merged table (the files the cells came from)."""
+    dense = [k for k in DENSE_LABELS if any(k in r["results"] for r in records)]
+    names = list(dict.fromkeys(n for r in records for n in r["results"] if is_backend(n)))
+    checked = [n for n in names if n != "reference"]
+    head = (["shape", "B", "text", "density"] + [f"{DENSE_LABELS[k]} ms" for k in dense]
+            + [f"{n} ms" for n in names] + ["ideal ms"] + [f"{n}/ideal" for n in names] + ["best"]
+            + ([f"err {' / '.join(checked)}", f"mem+ {' / '.join(checked)}"] if checked else [])
+            + (["src"] if src else []))
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec in records:
+        R = rec["results"]
+        ideal = rec.get("ideal_ms")
+        timed = {n: R[n]["ms"] for n in names if R.get(n, {}).get("ms")}
+        best = min(timed, key=timed.get) if timed else None
+        errs = " / ".join(f"{R[n]['rel_err']:.1e}" if "rel_err" in R.get(n, {}) else "—" for n in checked)
+        mem = " / ".join(f"{100 * R[n]['extra_mem_frac']:.2f}%" if R.get(n, {}).get("extra_mem_frac") is not None
+                         else "—" for n in checked)
+        density = rec.get("density")
+        cells = ([f"{rec['shape']} (H={rec.get('heads', '?')}, T={rec.get('T', '?')})", str(rec.get("batch", "?")),
+                  str(rec.get("text", 0)), common.fmt(density, ".3f") if density == density else "—"]
+                 + [_cell(R, k) for k in dense] + [_cell(R, n) for n in names]
+                 + [common.fmt(ideal, ".1f")]
+                 + [common.fmt(ideal / timed[n] if ideal and n in timed else None) for n in names]
+                 + [best or "—"] + ([errs, mem] if checked else [])
+                 + ([src(rec, dense + names)] if src else []))
+        out.append("| " + " | ".join(cells) + " |")
     return out
 
 
 def markdown(meta, records) -> str:
-    dev = common.describe_device(meta["device_before"])
-    v = meta["versions"]
+    v = common.meta_versions(meta)
+    fa4 = v.get("flash-attn-4")
     lines = [
-        f"# lvsa attention benchmark — {dev}",
+        f"# lvsa attention benchmark — {common.meta_device(meta)}",
         "",
         f"- date: {meta['date']}; command: `{meta['command']}`",
-        f"- torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, flashinfer {v['flashinfer']}; "
-        f"{meta['dtype']}; mask W=3 n=1 offset 0; median of {meta['repeats']} timed calls after "
-        f"{meta['warmup']} warm-ups. ideal = best dense x density (density counts text keys). "
-        "err = relative Frobenius error vs `reference`. The `cuDNN`/`FA2` columns hold the default "
-        "SDPA kernel on devices other than CUDA.",
+        f"- torch {v.get('torch', '?')} (CUDA {v.get('cuda', '?')}), triton {v.get('triton', '?')}, "
+        f"flashinfer {v.get('flashinfer', '?')}" + (f", flash-attn-4 {fa4}" if fa4 else "") + "; "
+        f"{meta.get('dtype', 'bfloat16')}; mask W=3 n=1 offset 0; median of "
+        f"{meta.get('repeats', meta.get('iters', '?'))} timed calls after {meta.get('warmup', '?')} warm-ups. "
+        "ideal = best dense x density (density counts text keys); *backend*/ideal = ideal / its time "
+        "(1.00: the best dense kernel's speed per attended FLOP); best = the fastest backend. "
+        "err = relative Frobenius error vs `reference`; mem+ = memory beyond q, k, v and the output.",
         "",
-        "| shape | B | text | density | cuDNN ms | FA2 ms | flex ms | reference ms | flashinfer ms "
-        "| triton ms | ideal ms | FI/ideal | triton/FI speed | FI vs flex | triton vs flex "
-        "| err FI / triton / flex | mem+ FI / triton |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def ms(R, n):
-        v = R.get(n, {}).get("ms")
-        e = R.get(n, {}).get("error", "")
-        return f"{v:.1f}" if v else ("OOM" if e == "OOM" else "n/a" if e.startswith("refused") else "err" if e else "—")
-
-    def fmt(x, p=2):
-        return f"{x:.{p}f}" if x is not None else "—"
-
-    for rec in records:
-        R, r = rec["results"], rec.get("ratios", {})
-        if "dense_sdpa" in R:
-            R = dict(R, dense_cudnn=R["dense_sdpa"])
-        errs = " / ".join(f"{R[n]['rel_err']:.1e}" if "rel_err" in R.get(n, {}) else "—"
-                          for n in ("flashinfer", "triton", "flex"))
-        mem = " / ".join(f"{100 * R[n]['extra_mem_frac']:.2f}%" if R.get(n, {}).get("extra_mem_frac") is not None
-                         else "—" for n in ("flashinfer", "triton"))
-        lines.append(
-            f"| {rec['shape']} (H={rec['heads']}, T={rec['T']}) | {rec['batch']} | {rec['text']} "
-            f"| {rec['density']:.3f} | {ms(R, 'dense_cudnn')} | {ms(R, 'dense_fa2')} | {ms(R, 'flex')} "
-            f"| {ms(R, 'reference')} | {ms(R, 'flashinfer')} | {ms(R, 'triton')} "
-            f"| {fmt(rec.get('ideal_ms'), 1)} | {fmt(r.get('flashinfer_vs_ideal'))} "
-            f"| {fmt(r.get('triton_speed_vs_flashinfer'))} | {fmt(r.get('flashinfer_speedup_vs_flex'))}x "
-            f"| {fmt(r.get('triton_speedup_vs_flex'))}x | {errs} | {mem} |")
+    ] + table(records)
     lines += ["", "Effective TFLOP/s (attended blocks only) and cold starts:", "",
               "| shape | backend | ms | eff. TFLOP/s | cold start s | plan (warm) ms | persistent MiB |",
               "|---|---|---|---|---|---|---|"]
@@ -428,8 +441,9 @@ def markdown(meta, records) -> str:
                          f"| {(r.get('persistent_bytes') or 0) / 2**20:.1f} |")
     if meta.get("skipped"):
         lines += ["", "Skipped (time budget): " + ", ".join(meta["skipped"]) + "."]
-    if meta["device_before"].get("notes"):
-        lines += ["", "Device record notes: " + "; ".join(meta["device_before"]["notes"])]
+    notes = (meta.get("device_before") or {}).get("notes")
+    if notes:
+        lines += ["", "Device record notes: " + "; ".join(notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -516,7 +530,7 @@ def main(args) -> int:
             summarize(rec)
             rec["wall_s"] = time.perf_counter() - t0
             print(f"  -> {s.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in rec["ratios"].items())
-                  + f" ({rec['wall_s']:.0f}s)", file=sys.stderr, flush=True)
+                  + f"; best {rec['best_backend']} ({rec['wall_s']:.0f}s)", file=sys.stderr, flush=True)
             records.append(rec)
             meta["total_s"] = time.perf_counter() - t_start
             common.save(base, meta, records, markdown)

@@ -36,6 +36,13 @@ def versions() -> Dict[str, str]:
             out[mod] = str(__import__(mod).__version__)
         except Exception as e:  # noqa: BLE001 - a broken optional package is a note
             out[mod] = f"unavailable ({type(e).__name__})"
+    from importlib import metadata
+
+    for dist in ("flash-attn-4", "nvidia-cutlass-dsl"):  # the fa4 backend's kernel library
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
     return out
 
 
@@ -99,6 +106,25 @@ def describe_device(state: Dict[str, Any]) -> str:
     if state.get("torch_npu"):
         return state["torch_npu"][0]
     return f"CPU: {state.get('cpu', {}).get('name', '?')} ({state.get('cpu', {}).get('cores')} cores)"
+
+
+def meta_device(meta: Dict[str, Any]) -> str:
+    """:func:`describe_device` of a results file's device record. Files written before
+    lvsa had one (``benchmarks/bench_attention.py``) keep the GPU in ``meta["device"]``."""
+    if isinstance(meta.get("device_before"), dict):
+        return describe_device(meta["device_before"])
+    d = meta.get("device")
+    if isinstance(d, dict) and d.get("name"):
+        return f"{d['name']} (driver {d.get('driver')}, {d.get('memory_total_mib')} MiB, via {d.get('source')})"
+    return str(d or "?")
+
+
+def meta_versions(meta: Dict[str, Any]) -> Dict[str, str]:
+    """A results file's versions (the older files keep them in ``meta["device"]``)."""
+    if isinstance(meta.get("versions"), dict):
+        return meta["versions"]
+    d = meta.get("device") if isinstance(meta.get("device"), dict) else {}
+    return {k: str(d[k]) for k in ("torch", "cuda", "python", "triton", "flashinfer") if k in d}
 
 
 def _now() -> str:

@@ -8,7 +8,9 @@ Each section lives between two markers in README.md::
 
 and is rewritten from committed ``lvsa bench model`` (or ``attention``) results files,
 never hand-copied numbers. Results of runs on one GPU fill ``lvsa-bench``, those of
-``--world-size N`` runs ``lvsa-bench-multigpu``. Several files of a section merge
+``--world-size N`` runs ``lvsa-bench-multigpu``, ``lvsa bench attention`` results
+``lvsa-bench-attention`` (the per-shape table of :func:`lvsa.bench.attention.table`:
+every backend's time and ratio to ideal, the fastest). Several files of a section merge
 (:mod:`lvsa.bench.rows`): a row measured in several files takes each variant from the
 newest file that has it; the section names every file and its command, each row the
 file(s) its figures came from, and its start marker the command that regenerates it.
@@ -30,6 +32,11 @@ END = "<!-- lvsa-bench:end -->"
 #: a results file of a run on several GPUs (``--world-size N``) fills its own section
 MULTI_START = "<!-- lvsa-bench-multigpu:start"
 MULTI_END = "<!-- lvsa-bench-multigpu:end -->"
+#: ``lvsa bench attention`` results (one attention call per backend) fill their own section
+ATTN_START = "<!-- lvsa-bench-attention:start"
+ATTN_END = "<!-- lvsa-bench-attention:end -->"
+#: the order sections are generated in (one command may fill several)
+_ORDER = (START, MULTI_START, ATTN_START)
 QUICK_NOTE = ("**These are `--quick` results: tiny models on a CPU, produced to show the command and the table; "
               "they say nothing about performance.** GPU results replace them when a GPU run is committed.")
 FALLBACK_NOTE = ("† the best dense was not run for this row (in any file): speedup, ceiling and the "
@@ -38,6 +45,8 @@ FALLBACK_NOTE = ("† the best dense was not run for this row (in any file): spe
 
 def markers(data: Dict[str, Any]):
     """``(start, end)`` markers of the section a results file belongs in."""
+    if rows.results_kind(data) == "attention":
+        return ATTN_START, ATTN_END
     if int(data["meta"].get("world_size") or 1) > 1:
         return MULTI_START, MULTI_END
     return START, END
@@ -68,11 +77,7 @@ def sections(sources: Sequence[Source], ones: Sequence[Source] = ()) -> List[Tup
         raise ValueError("--single-gpu-results fills the multi-GPU table's 1-GPU columns: give a --world-size N "
                          "results file too")
     out = []
-    for (start, end), group in sorted(groups.items(), key=lambda kv: kv[0][0] == MULTI_START):
-        kinds = {s.kind for s in group}
-        if len(kinds) > 1:
-            raise ValueError("model and attention results do not share a table: "
-                             + ", ".join(f"{s.rel} ({s.kind})" for s in group) + "; report them separately")
+    for (start, end), group in sorted(groups.items(), key=lambda kv: _ORDER.index(kv[0][0])):
         extra = list(ones) if start == MULTI_START else []
         for i, s in enumerate(list(group) + extra, 1):  # one numbering: the section's sources list
             s.index = i
@@ -100,13 +105,16 @@ def build_section(group: Sequence[Source], ones: Sequence[Source] = ()) -> str:
                   "on a CPU; they say nothing about performance.**", ""]
     if not src:
         meta, rel = first.meta, first.rel
-        lines += [f"Measured on {common.describe_device(meta['device_before'])}, {meta['date'][:10]}, "
-                  f"`{meta['command']}` (lvsa {meta['versions']['lvsa']}, torch {meta['versions']['torch']}, "
-                  f"diffusers {meta['versions'].get('diffusers')}, {meta.get('dtype')}); source: `{rel}`.", ""]
+        v = common.meta_versions(meta)
+        lines += [f"Measured on {common.meta_device(meta)}, {meta['date'][:10]}, "
+                  f"`{meta['command']}` (lvsa {v.get('lvsa', '?')}, torch {v.get('torch', '?')}, "
+                  f"diffusers {v.get('diffusers')}, {meta.get('dtype')}); source: `{rel}`.", ""]
     else:
+        each = ("a dense kernel, a backend — from the newest file that has it, and a backend's error vs the "
+                "reference from the newest file that checked it" if kind == "attention" else
+                "diffusers, best dense, backend — from the newest file that has it")
         lines += [f"Measured on {_distinct(every)}. Sources (*src* in the table: the file(s) a row's figures "
-                  "come from; a row measured in several files takes each variant — diffusers, best dense, "
-                  "backend — from the newest file that has it):", ""]
+                  f"come from; a row measured in several files takes each variant — {each}):", ""]
         lines += [f"{s.index}. `{s.rel}` ({s.date[:10]}{', 1-GPU times' if s in ones else ''}): "
                   f"`{s.meta.get('command', '?')}`" for s in every]
         lines += [""]
@@ -124,14 +132,17 @@ def build_section(group: Sequence[Source], ones: Sequence[Source] = ()) -> str:
 
 
 def _distinct(sources: Sequence[Source]) -> str:
-    """Devices and versions of ``sources``, each distinct value once."""
+    """Devices and versions of ``sources``, each distinct value once (a value a file did
+    not record is left out)."""
     def uniq(xs):
-        return " / ".join(dict.fromkeys(str(x) for x in xs))
+        return " / ".join(dict.fromkeys(str(x) for x in xs if x is not None)) or "?"
 
-    devs = "; ".join(dict.fromkeys(common.describe_device(s.meta["device_before"]) for s in sources))
-    v = [s.meta.get("versions", {}) for s in sources]
-    return (f"{devs}; lvsa {uniq(x.get('lvsa') for x in v)}, torch {uniq(x.get('torch') for x in v)}, "
-            f"diffusers {uniq(x.get('diffusers') for x in v)}, {uniq(s.meta.get('dtype') for s in sources)}")
+    devs = "; ".join(dict.fromkeys(common.meta_device(s.meta) for s in sources))
+    v = [common.meta_versions(s.meta) for s in sources]
+    names = (("torch", "triton", "flashinfer", "flash-attn-4") if sources[0].kind == "attention"
+             else ("lvsa", "torch", "diffusers"))
+    parts = [f"{n} {uniq(x.get(n) for x in v)}" for n in names if any(x.get(n) for x in v)]
+    return "; ".join([devs, ", ".join(parts + [uniq(s.meta.get("dtype") for s in sources)])])
 
 
 def _t(V: Dict[str, Any], name: Optional[str]) -> str:
@@ -154,6 +165,7 @@ def _x(v, mark: str = "") -> str:
 def _src(rec: Dict[str, Any], names: Sequence[Optional[str]], single: Sequence[str] = ()) -> str:
     """The source indices of the figures of a row's cells (variants ``names``, 1-GPU times of ``single``)."""
     idx = {rec["_from"][n] for n in names if n in rec.get("_from", {})}
+    idx |= {rec["_err_from"][n] for n in names if n in rec.get("_err_from", {})}
     idx |= {rec["_single_from"][n][0] for n in single if n in rec.get("_single_from", {})}
     return ", ".join(str(i) for i in sorted(idx))
 
@@ -258,21 +270,13 @@ def _single_gpu_origins(records: List[Dict[str, Any]], src: bool) -> List[str]:
 
 
 def _attention_table(records: List[Dict[str, Any]], src: bool = False) -> List[str]:
-    out = ["One attention call; *ideal* = best dense time x density.", "",
-           "| shape | best dense ms | backend | ms | of ideal |" + (" src |" if src else ""),
-           "|---|---|---|---|---|" + ("---|" if src else "")]
-    for rec in records:
-        R = rec["results"]
-        dense = [k for k in R if k.startswith("dense_") and R[k].get("ms")]
-        best = min(dense, key=lambda k: R[k]["ms"]) if dense else None
-        for n, r in R.items():
-            if n.startswith("dense_") or not r.get("ms"):
-                continue
-            ideal = rec.get("ideal_ms")
-            out.append(f"| {rec['shape']} | {common.fmt(R[best]['ms'] if best else None, '.2f')} | {n} "
-                       f"| {r['ms']:.2f} | {common.fmt(ideal / r['ms'] if ideal else None)} |"
-                       + (f" {_src(rec, [best, n])} |" if src else ""))
-    return out
+    from .attention import table
+
+    intro = ["One attention call per backend; *ideal* = best dense time x density (density counts text "
+             "keys); *backend*/ideal = ideal / its time (1.00: the best dense kernel's speed per attended "
+             "FLOP); *best* = the fastest backend; *err* = relative error vs the reference; *mem+* = memory "
+             "beyond q, k, v and the output.", ""]
+    return intro + table(records, (lambda rec, names: _src(rec, names)) if src else None)
 
 
 def replace_section(text: str, new: str, readme: str, start: str = START, end: str = END) -> str:

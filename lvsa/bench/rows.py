@@ -14,8 +14,10 @@ another resolution is another row); an attention row is a shape. Several results
   merged variants by :func:`summarize_row`, never copied.
 
 Each merged record carries where its figures came from (``_from``: variant -> source
-index; ``_single_from``: 1-GPU variant -> origin) for the report's footnotes; these keys
-are never written to a results file.
+index; ``_single_from``: 1-GPU variant -> origin; ``_err_from``: attention backend -> the
+older file whose check against the reference its error is, when the newest file that
+timed it ran no reference) for the report's footnotes; these keys are never written to a
+results file.
 """
 from __future__ import annotations
 
@@ -239,7 +241,15 @@ def merge(sources: Sequence[Source]) -> Tuple[List[Dict[str, Any]], List[str]]:
 def _merge_variants(m: Dict[str, Any], rec: Dict[str, Any], s: Source) -> None:
     field = "variants" if "variants" in rec else "results"
     for name, r in rec[field].items():
+        old = m[field].get(name, {})
         m[field][name] = copy.deepcopy(r)
+        if "rel_err" in old and "rel_err" not in r and r.get("ms"):
+            # an attention run without the reference checked nothing: the older check of the
+            # same backend at the same shape stands (``_err_from`` names its file)
+            m[field][name]["rel_err"] = old["rel_err"]
+            m.setdefault("_err_from", {})[name] = m.get("_err_from", {}).get(name, m["_from"][name])
+        else:
+            m.get("_err_from", {}).pop(name, None)
         m["_from"][name] = s.index
         if name == "dense" and "dense_kernel" in rec:
             m["dense_kernel"], m["dense_kernels_ms"] = rec["dense_kernel"], rec.get("dense_kernels_ms")

@@ -102,11 +102,13 @@ def _add_model(bs):
 
 def _add_report(bs):
     p = bs.add_parser("report", help="regenerate the README's performance sections from results files",
-                      description=("Write the performance table of `lvsa bench model` (or attention) results "
-                                   "into README.md between the lvsa-bench markers (or print it). Several files "
-                                   "merge: 1-GPU files into the main table, multi-GPU files into the multi-GPU "
-                                   "table; a row (model, T_lat, batch, world size) measured in several files "
-                                   "takes each variant from the newest file (meta date) that has it."))
+                      description=("Write the performance tables of `lvsa bench model` and `lvsa bench attention` "
+                                   "results into README.md between the lvsa-bench markers (or print them). "
+                                   "Several files merge: 1-GPU model files into the main table, multi-GPU files "
+                                   "into the multi-GPU table, attention files into the attention table "
+                                   "(lvsa-bench-attention markers); a row (model, T_lat, batch, world size; or "
+                                   "an attention shape) measured in several files takes each variant from the "
+                                   "newest file (meta date) that has it."))
     p.add_argument("results", nargs="+", metavar="RESULTS.json", help="results JSON files, in any order")
     p.add_argument("--single-gpu-results", nargs="+", metavar="JSON", default=[],
                    help="1-GPU results files whose times fill the multi-GPU table's 1-GPU columns where "

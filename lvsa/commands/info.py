@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 from .. import __version__
 from ._args import positive_int
@@ -69,6 +70,7 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
                          "available": not r, "reasons": r, "auto_rank": bk.auto_rank(kind),
                          "compiles": bool(bk.compiles),
                          "compile_cached": dispatch.compile_ready(bk, problem) if bk.compiles else None,
+                         "compile_in_memory": _in_memory_hint(bk),
                          "description": bk.description})
         info["auto_order"] = dispatch.auto_order(kind)
         try:
@@ -96,6 +98,19 @@ def gather_info(dtype: str = "bfloat16", head_dim: int = 128) -> dict:
         info["settings"] = {}
         info["settings_error"] = str(e)
     return info
+
+
+def _in_memory_hint(bk) -> Optional[str]:
+    """For a compiling backend without an on-disk compile cache: how to get one (its
+    kernels are otherwise built again in every process); else ``None``."""
+    if not bk.compiles:
+        return None
+    try:
+        if bk.compile_cache_dir() is not None:
+            return None
+    except Exception as e:  # noqa: BLE001 - a diagnostic never crashes: say what happened
+        return f"compile_cache_dir() raised {type(e).__name__}: {e}"
+    return bk.compile_cache_hint or "no on-disk compile cache known"
 
 
 def _typical_density(T: int) -> float:
@@ -141,8 +156,10 @@ def cmd_info(args) -> int:
         src = f"{b['distribution']} {b['version']}" if b["distribution"] else "not installed"
         state = "available" if b["available"] else "unavailable"
         if b.get("compiles") and b["available"]:
-            state += ", compiles on first use (" + ("cached" if b["compile_cached"] else
-                                                     "not cached: `lvsa warmup`") + ")"
+            state += ", compiles on first use (" + (
+                "cached" if b["compile_cached"] else
+                f"once per process: {b['compile_in_memory']}" if b.get("compile_in_memory") else
+                "not cached: `lvsa warmup`") + ")"
         print(f"  {b['name']:<11} [{src}] {state}")
         for r in b["reasons"]:
             print(f"      - {r}")

@@ -1,10 +1,13 @@
 """``lvsa warmup``: build every able backend's kernels ahead of the first generation.
 
-A backend that compiles on first use (FlashInfer's JIT: 77-97 s on an H200; Triton:
-seconds) does it here instead, once per compile key (dtype, head dim, text or not, GQA),
-for the shapes of the chosen model presets; the compile caches on disk, so the next
-process starts warm. Each kernel is built by one tiny attention call through lvsa's
-dispatcher (the same ``[LVSA] compiling ...`` lines a first generation would print).
+A backend that compiles on first use (FlashInfer's JIT: 77-97 s on an H200; FA4's CuTe
+DSL: ~5 s; Triton: seconds) does it here instead, once per compile key (dtype, head dim,
+text or not, GQA; FA4 also batch 1 and batch > 1), for the shapes of the chosen model
+presets at batch 1 and 2; the compile caches on disk, so the next process starts warm
+(a backend without an on-disk cache says how to get one: FA4 keeps its kernels in memory
+unless ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``). Each kernel is built by one tiny
+attention call through lvsa's dispatcher (the same ``[LVSA] compiling ...`` lines a first
+generation would print).
 """
 from __future__ import annotations
 
@@ -46,9 +49,14 @@ def shapes_for(models, head_dims=None):
     return sorted({(p.head_dim, bool(p.text_tokens)) for p in presets})
 
 
+#: batch sizes warmed: a backend whose kernels depend on the batch (FA4: 1 or more) gets both
+BATCHES = (1, 2)
+
+
 def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=None, out=print):
     """Build the kernels; returns one record per backend: ``{"backend", "seconds",
-    "built": [...], "cached": [...], "failed": {...}, "skipped": reason or None}``."""
+    "built": [...], "cached": [...], "failed": {...}, "skipped": reason or None,
+    "in_memory": hint or None}`` (``in_memory``: the kernels last only in this process)."""
     import torch
 
     from .. import dispatch, plugins
@@ -64,16 +72,21 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
     records = []
     for name in names:
         bk = plugins.get_backend(name)
-        rec = {"backend": name, "seconds": 0.0, "built": [], "cached": [], "failed": {}, "skipped": None}
+        rec = {"backend": name, "seconds": 0.0, "built": [], "cached": [], "failed": {}, "skipped": None,
+               "in_memory": None}
         records.append(rec)
         unable = {}
+        seen = set()
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            for D, text in shapes:
-                problem = Problem(dev.type, dtype, 1, 6 * P, H, H, D, text_len=8 if text else 0, T=6, P=P,
+            for (D, text), B in ((s, b) for s in shapes for b in BATCHES):
+                problem = Problem(dev.type, dtype, B, 6 * P, H, H, D, text_len=8 if text else 0, T=6, P=P,
                                   compute_capability=compute_capability(dev) if dev.type == "cuda" else None,
                                   device=dev)
                 key = bk.compile_key(problem)
+                if key in seen:  # the kernels of this key are built (batch does not change them)
+                    continue
+                seen.add(key)
                 reasons = bk.not_supported_reasons(problem)
                 if reasons:
                     unable[key] = "; ".join(reasons)
@@ -84,8 +97,8 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
                 t = time.perf_counter()
                 try:
                     g = torch.Generator().manual_seed(0)
-                    q, k, v = (torch.randn(1, 6 * P, H, D, generator=g).to(dev, dtype) for _ in range(3))
-                    tk = tv = torch.randn(1, 8, H, D, generator=g).to(dev, dtype) if text else None
+                    q, k, v = (torch.randn(B, 6 * P, H, D, generator=g).to(dev, dtype) for _ in range(3))
+                    tk = tv = torch.randn(B, 8, H, D, generator=g).to(dev, dtype) if text else None
                     dispatch.run_attention(q, k, v, mask, tk, tv, backend=name, origin="lvsa warmup")
                 except Exception as e:  # noqa: BLE001 - reported per backend and key
                     rec["failed"][key] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
@@ -93,6 +106,8 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
                 dt = time.perf_counter() - t
                 rec["seconds"] += dt
                 rec["cached" if ready else "built"].append(key)
+                if bk.compile_cache_dir() is None:
+                    rec["in_memory"] = bk.compile_cache_hint or "its compiler keeps no on-disk cache lvsa knows of"
                 out(f"warmup: {name} {key}: {'already cached' if ready else 'built'} in {dt:.1f}s")
         if backends:  # named: a shape it cannot build is a failure
             rec["failed"].update(unable)
@@ -118,6 +133,8 @@ def cmd_warmup(args) -> int:
         for r in records:
             if r["built"] or r["cached"]:
                 print(f"{r['backend']}: {r['seconds']:.1f}s ({len(r['built'])} built, {len(r['cached'])} already cached)")
+                if r["in_memory"]:
+                    print(f"  {r['backend']}: built in this process only, the next one compiles again: {r['in_memory']}")
             elif r["skipped"]:
                 print(f"{r['backend']}: {r['skipped']}")
             for key, err in r["failed"].items():

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 from ..config import Config, unknown_variables
 from ..presets import ALIASES, PRESETS, get_preset
 from . import versions
-from .findings import REFERENCE_HELP, Diagnosis, Finding, refusal_fixes
+from .findings import REFERENCE_HELP, Diagnosis, Finding, broken_backends, refusal_fixes
 
 GUIDE = ""
 
@@ -251,7 +251,12 @@ def check_installation(env: Mapping[str, str], bad: List[str], info: Optional[Di
         out.append(_f("slow-backend", "problem", f"no fast backend can run on {kind}: auto selects the reference",
                       [f"{n}: {'; '.join(b['reasons'])}" for n, b in rows.items() if b["reasons"]],
                       "the reference backend is correct but not faster than dense attention.",
-                      ["lvsa info"] + refusal_fixes(" ".join(r for b in rows.values() for r in b["reasons"]), kind)))
+                      ["lvsa info"] + refusal_fixes({n: b["reasons"] for n, b in rows.items() if b["reasons"]},
+                                                    kind)))
+    for name, text in broken_backends({n: b["reasons"] for n, b in rows.items()}).items():
+        out.append(_f("backend-broken", "problem", f"the {name} backend is installed but does not import",
+                      [f"{name}: {text}"], f"auto never picks {name} until its package imports; it selects "
+                      f"{info.get('auto_selects')} now.", refusal_fixes({name: text}, kind) + ["lvsa info"]))
     if info.get("selection_error"):
         out.append(_f("backend-selection", "problem", "no backend can be selected", [info["selection_error"]],
                       info["selection_error"], ["lvsa info"]))

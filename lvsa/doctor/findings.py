@@ -823,32 +823,84 @@ class MotionQuality(Rule):
              "lvsa plan --model MODEL --num-frames F --window-size 16   # see what a setting changes"])]
 
 
-def refusal_fixes(reasons: str, device: str) -> List[str]:
-    """Commands for the refusal reasons the backends give (``not_supported_reasons``)."""
+#: the package a refusal reason names after ``pip install`` (``'lvsa-cuda[fa4]'``, ``lvsa-cuda``)
+_PIP_PACKAGE = re.compile(r"pip install '?([A-Za-z0-9_.\-]+(?:\[[A-Za-z0-9_,\-]+\])?)'?")
+#: a whole ``pip install ...`` command in a reason (up to the next comma, semicolon or bracket)
+_PIP_COMMAND = re.compile(r"pip install [^,;()']+[^,;()' ]")
+#: the module of "X fails to import" / "X is installed but fails to import"
+_BROKEN_MODULE = re.compile(r"([\w.]+) (?:is installed but )?fails to import")
+
+
+def refusal_fixes(refused, device: str) -> List[str]:
+    """Commands for the refusal reasons the backends give (``not_supported_reasons``).
+
+    ``refused``: backend name -> its reasons (a string, or a list of strings); a plain
+    string is one backend's reasons without its name. A missing package gets the install
+    command its own reason names (fa4: ``lvsa-cuda[fa4]``; flashinfer:
+    ``lvsa-cuda[flashinfer]``), a package that is installed but does not import gets the
+    command that shows its error (and the reinstall the reason names)."""
+    if isinstance(refused, str):
+        refused = {"": refused}
     fix: List[str] = []
-    low = reasons.lower()
-    if "not installed" in low:
-        fix.append("pip install lvsa-ascend   # Ascend NPUs" if device.startswith("npu") else
-                   "pip install 'lvsa-cuda[flashinfer]'   # NVIDIA: triton and flashinfer")
+
+    def add(line: str) -> None:
+        if line not in fix:
+            fix.append(line)
+
+    texts = []
+    for name, why in refused.items():
+        text = why if isinstance(why, str) else ", ".join(why)
+        texts.append(text)
+        tag = f"   # {name}" if name else ""
+        low = text.lower()
+        if "not installed" in low:
+            m = _PIP_PACKAGE.search(text)
+            if m:
+                add(f"pip install '{m.group(1)}'{tag}")
+            else:
+                add("pip install lvsa-ascend   # Ascend NPUs" if device.startswith("npu") else
+                    "pip install 'lvsa-cuda[flashinfer]'   # NVIDIA: triton and flashinfer")
+        if "fails to import" in low:
+            mod = _BROKEN_MODULE.search(text)
+            add(f"python -c 'import {mod.group(1) if mod else name}'   # {name or 'the backend'} is "
+                "installed but does not import: this shows the whole error")
+            cmd = _PIP_COMMAND.search(text)
+            if cmd:
+                add(cmd.group(0) + tag)
+    low = " ".join(texts).lower()
     if "dtype" in low:
-        fix.append("lvsa generate ... --dtype bfloat16   # the fast kernels take bfloat16/float16 "
-                   "(Python: pipe.to(torch.bfloat16))")
+        add("lvsa generate ... --dtype bfloat16   # the fast kernels take bfloat16/float16 "
+            "(Python: pipe.to(torch.bfloat16))")
     if "head_dim" in low:
-        fix.append("# the model's attention head size is not one the fast kernels take (see the allowed "
-                   "values above); the reference backend is the path for it")
+        add("# the model's attention head size is not one the fast kernels take (see the allowed "
+            "values above); the reference backend is the path for it")
     if "compute capability" in low or "sm_" in low:
-        fix.append("# this GPU generation is below what the kernels need; the reference backend is the path")
+        add("# this GPU generation is not one every kernel was built for (the reasons above name it); "
+            "the backends that accept it, else the reference backend, are the path")
     return fix
 
 
+def broken_backends(refused) -> Dict[str, str]:
+    """The backends among ``refused`` (name -> reasons) whose package is installed but
+    does not import: a broken install, never picked until it is fixed."""
+    out = {}
+    for name, why in refused.items():
+        text = why if isinstance(why, str) else ", ".join(why)
+        if "fails to import" in text.lower():
+            out[name] = text
+    return out
+
+
 class SlowBackend(Rule):
-    """Automatic selection fell to the reference backend on a GPU/NPU, or a plugin failed to load."""
+    """Automatic selection fell to the reference backend on a GPU/NPU, a backend is installed
+    but does not import, or a plugin failed to load."""
 
     id = "slow-backend"
     guide = "Symptom 1 (no speedup)"
 
     def check(self, log, ctx):
         out = []
+        broken: Set[str] = set()
         for r in log.of("selection"):
             dev = r.get("device", "")
             refused = r.get("refused") or {}
@@ -860,7 +912,16 @@ class SlowBackend(Rule):
                     "problem", f"no fast backend on {dev}: lvsa ran its reference backend", ev(r),
                     f"every faster backend refused this problem ({reasons}). The reference backend is correct "
                     "but not faster than dense attention.", ["lvsa info   # every backend and why it cannot run"]
-                    + refusal_fixes(" ".join(refused.values()), dev)))
+                    + refusal_fixes(refused, dev)))
+            for name, text in broken_backends(refused).items():
+                if name in broken:
+                    continue
+                broken.add(name)
+                out.append(self.finding(
+                    "problem", f"the {name} backend is installed but does not import: auto never picks it",
+                    ev(r), f"{name}: {text}. lvsa ran {r.get('backend')} instead.",
+                    refusal_fixes({name: text}, dev) + ["lvsa info   # the backend's state after the fix"],
+                    id="backend-broken"))
         for r in log.of("plugin_error"):
             out.append(self.finding(
                 "problem", "an lvsa plugin failed to load and was skipped", ev(r), r.get("message"),

@@ -5,9 +5,12 @@
 * ``flashinfer`` (:mod:`lvsa_cuda.flashinfer_backend`): FlashInfer's
   ``BlockSparseAttentionWrapper`` with one block per latent frame (``pip install
   lvsa-cuda[flashinfer]``).
+* ``fa4`` (:mod:`lvsa_cuda.fa4_backend`): FlashAttention-4's CuTe-DSL block-sparse
+  forward over 128x128 tiles, Hopper/Blackwell (``pip install lvsa-cuda[fa4]``).
 
-Importing this package imports neither triton nor flashinfer; each backend module
-explains itself through ``supports()`` when its package or GPU is missing.
+Importing this package imports none of triton, flashinfer or flash_attn; each backend
+module explains itself through ``not_supported_reasons()`` when its package or GPU is
+missing.
 """
 import contextlib
 import functools

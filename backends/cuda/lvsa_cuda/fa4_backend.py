@@ -15,11 +15,13 @@ Layout
 :func:`tile_tables` turns the frame mask into, per query tile, the list of key tiles it
 needs: *full* tiles (every (row, key) pair inside is attended: no mask) and *partial*
 tiles (some are; the kernel calls :func:`mask_mod` for each element). The tables do not
-depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows) on the
-CPU with a summed-area table of the frame mask (no token-level mask is ever built). The
-``mask_mod`` reads three small int32 tables passed as FA4 ``aux_tensors``: the frame of
-every query row, the frame of every key, and the ``T x T`` frame mask. So one compiled
-kernel serves every geometry (FA4 caches it per dtype/head dim/GQA ratio).
+depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows) with a
+few dozen torch ops on the problem's device (the GPU for a CUDA problem; 7 ms on one CPU
+core at Wan's T_lat 81) from a summed-area table of the frame mask: no token-level mask is
+ever built. The ``mask_mod`` reads three small int32 tables passed as FA4
+``aux_tensors``: the frame of every query row, the frame of every key, and the ``T x T``
+frame mask. So one compiled kernel serves every geometry (FA4 compiles per
+:meth:`FA4Backend.compile_key`: dtype, head dim, text, GQA ratio, batch 1 or more, GPU).
 
 Text tokens are merged exactly from FA4's natural-log LSE with the same in-place merge
 kernel as the flashinfer backend; query rows ``[lo, hi)`` (sequence parallelism) shift
@@ -67,49 +69,68 @@ class TileTables:
         return TileTables(**moved, tile=self.tile, counts=self.counts)
 
 
-def _pack(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the column indices where ``flag`` is set, ascending and left-packed."""
-    cnt = flag.sum(1, dtype=torch.int32)
-    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-    order = torch.argsort((~flag).to(torch.int8), dim=1, stable=True)[:, :width]
-    return cnt[None, None], order.to(torch.int32)[None, None].contiguous()
+def _stable_partition(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flag`` ``[R, N]``: the number of set columns and the column order of a
+    stable partition (set columns ascending, then the others ascending: what a stable
+    ``argsort(~flag)`` gives), in O(R * N) elementwise ops and one scatter."""
+    cnt = flag.sum(1)
+    pos = torch.where(flag, flag.cumsum(1) - 1, (~flag).cumsum(1) - 1 + cnt[:, None])
+    cols = torch.arange(flag.shape[1], device=flag.device).expand_as(pos)
+    return cnt, torch.empty_like(pos).scatter_(1, pos, cols)
 
 
 def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = None,
-                tile: Tuple[int, int] = TILE) -> TileTables:
+                tile: Tuple[int, int] = TILE, device=None) -> TileTables:
     """Block-sparse tables of ``mask`` over ``tile``-sized tiles of the video sequence
-    (``T * P`` keys; query rows ``q_rows = [lo, hi)``, default all).
+    (``T * P`` keys; query rows ``q_rows = [lo, hi)``, default all), built with torch ops
+    on ``device`` (default: the CPU; the plan of a CUDA problem builds them on its GPU).
 
     A tile is *full* when every frame pair it touches is attended, *partial* when some
-    are, and absent when none is. Built on the CPU in O(M * N) small integer ops."""
+    are, and absent when none is (counted with a summed-area table of the frame mask).
+    Query tiles covering the same frames have the same key-tile lists, so the lists are
+    built once per distinct frame range (about ``2 T`` of them) and gathered per tile.
+    Each ``*_idx`` row lists its key tiles ascending, then (up to the table width) the
+    other key tiles ascending; the kernel reads only the first ``*_cnt``."""
     T = mask.num_frames
     S = T * P
     lo, hi = q_rows if q_rows is not None else (0, S)
     if not 0 <= lo < hi <= S:
         raise ValueError(f"query rows [{lo}, {hi}) are not inside the video sequence [0, {S})")
+    dev = torch.device("cpu") if device is None else torch.device(device)
     tm, tn = tile
     n = hi - lo
     M, N = -(-n // tm), -(-S // tn)
-    A = mask.to_dense("frame").to(torch.int64)
-    sat = torch.zeros(T + 1, T + 1, dtype=torch.int64)
-    sat[1:, 1:] = A.cumsum(0).cumsum(1)
-    r0 = lo + torch.arange(M) * tm
-    r1 = torch.clamp(r0 + tm, max=hi) - 1
-    c0 = torch.arange(N) * tn
-    c1 = torch.clamp(c0 + tn, max=S) - 1
-    fq0, fq1, fk0, fk1 = r0 // P, r1 // P, c0 // P, c1 // P
-    cnt = (sat[fq1 + 1][:, fk1 + 1] - sat[fq0][:, fk1 + 1]
-           - sat[fq1 + 1][:, fk0] + sat[fq0][:, fk0])
-    area = (fq1 - fq0 + 1)[:, None] * (fk1 - fk0 + 1)[None, :]
+    allowed = mask.to_dense("frame").to(device=dev, dtype=torch.int32)
+    sat = torch.zeros(T + 1, T + 1, dtype=torch.int32, device=dev)
+    sat[1:, 1:] = allowed.cumsum(0).cumsum(1)
+    r0 = lo + torch.arange(M, device=dev) * tm
+    fq0, fq1 = r0 // P, (torch.clamp(r0 + tm, max=hi) - 1) // P
+    c0 = torch.arange(N, device=dev) * tn
+    fk0, fk1 = c0 // P, (torch.clamp(c0 + tn, max=S) - 1) // P
+    # query tiles by frame range (fq0, fq1): both ascend with the tile, so ranges are runs
+    ranges, row_of = torch.unique_consecutive(fq0 * (T + 1) + fq1, return_inverse=True)
+    a, b = ranges // (T + 1), ranges % (T + 1)
+    # attended frame pairs of each (query range, key tile) rectangle
+    col = sat.index_select(0, b + 1) - sat.index_select(0, a)            # [R, T + 1]
+    cnt = col.index_select(1, fk1 + 1) - col.index_select(1, fk0)         # [R, N]
+    area = (b - a + 1)[:, None] * (fk1 - fk0 + 1)[None, :]
     full = cnt == area
     partial = (cnt > 0) & ~full
-    full_cnt, full_idx = _pack(full)
-    mask_cnt, mask_idx = _pack(partial)
-    q_frame = torch.clamp((lo + torch.arange(M * tm)) // P, max=T - 1).to(torch.int32)
-    k_frame = torch.clamp(torch.arange(N * tn) // P, max=T - 1).to(torch.int32)
+    full_n, full_order = _stable_partition(full)
+    part_n, part_order = _stable_partition(partial)
+    f_w, p_w, f_tot, p_tot = torch.stack([
+        full_n.max(), part_n.max(), full_n[row_of].sum(), part_n[row_of].sum()]).tolist()
+
+    def per_tile(count, order, width):
+        idx = order[:, :max(width, 1)].to(torch.int32).index_select(0, row_of)
+        return count.to(torch.int32)[row_of][None, None], idx[None, None].contiguous()
+
+    full_cnt, full_idx = per_tile(full_n, full_order, f_w)
+    mask_cnt, mask_idx = per_tile(part_n, part_order, p_w)
+    q_frame = torch.clamp((lo + torch.arange(M * tm, device=dev)) // P, max=T - 1).to(torch.int32)
+    k_frame = torch.clamp(torch.arange(N * tn, device=dev) // P, max=T - 1).to(torch.int32)
     return TileTables(mask_cnt, mask_idx, full_cnt, full_idx, q_frame, k_frame,
-                      A.to(torch.int32).contiguous(), tile,
-                      (int(full.sum()), int(partial.sum()), M * N))
+                      allowed.contiguous(), tile, (f_tot, p_tot, M * N))
 
 
 def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux) -> torch.Tensor:
@@ -152,7 +173,21 @@ def _import_error() -> Optional[str]:
 
 
 def _fa4_version() -> str:
-    return dist_version("flash-attn-4", "fa4")
+    return dist_version("flash-attn-4")
+
+
+def _not_fa4(err: str) -> bool:
+    """``flash_attn.cute`` is absent (FlashAttention 2's ``flash_attn`` without FA4), as
+    opposed to FA4 present but broken (a module or library *it* needs is missing)."""
+    return err.startswith("ModuleNotFoundError") and (
+        "'flash_attn.cute'" in err or "'flash_attn'" in err)
+
+
+#: what to do when FA4 is installed but does not import (it runs on NVIDIA's CuTe DSL)
+FA4_IMPORT_FIX = ("FA4 needs nvidia-cutlass-dsl with its nvidia-cutlass-dsl-libs-* wheels (libs-cu13 for a "
+                  "CUDA 13 torch) and apache-tvm-ffi importable: pip install --upgrade flash-attn-4 "
+                  "nvidia-cutlass-dsl apache-tvm-ffi, and python -c 'import flash_attn.cute' shows the "
+                  "whole error")
 
 
 @dataclass
@@ -174,58 +209,99 @@ class FA4Backend(CudaBackend):
     name = "fa4"
     requires = ("flash_attn",)
     install_hint = "pip install lvsa-cuda[fa4]"
-    #: measured on the H200 (benchmarks/NOTES.md); auto picks by the cost table first
-    priority = {"cuda": 105}
+    #: first on CUDA: measured faster than flashinfer at every H200 shape (1.01-1.03 of
+    #: ideal against 0.90-0.92); auto still goes by the device's cost table where it has one
+    priority = {"cuda": 120}
     supports_q_rows = True
-    #: FA4's block-sparse forward exists for Hopper (sm_90) and Blackwell (sm_100)
-    min_compute_capability = (9, 0)
-    #: a CuTe-DSL kernel is compiled per dtype/head dim/GQA ratio on first use
+    #: FA4's block-sparse forward exists for Hopper (sm_90) and Blackwell (sm_100):
+    #: checked in :meth:`extra_reasons` (an sm_120 GPU is newer but has neither)
+    min_compute_capability = None
+    #: a CuTe-DSL kernel is compiled on first use per :meth:`compile_key`
     compiles = True
-    #: the tile grid of the tables; FA4 runs 128 x 128 (tests use small tiles on the CPU)
+    compile_cache_hint = ("FA4 keeps its kernels in memory unless FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 "
+                          "(then on disk, FLASH_ATTENTION_CUTE_DSL_CACHE_DIR)")
+    #: the tile grid of the tables on sm_90; FA4 runs 128 x 128 (tests use small tiles on the CPU)
     tile = TILE
     description = ("FlashAttention-4 CuTe-DSL forward, FlexAttention-style block sparsity over "
                    "128x128 tiles that ignore frame boundaries, a frame-table mask_mod on cut "
                    "tiles; text merged by LSE; pip install lvsa-cuda[fa4]")
 
     def availability_reasons(self):
-        missing = self.missing_packages()
-        r = [f"package {m!r} is not installed (pip install flash-attn-4, or {self.install_hint})"
-             for m in missing]
-        if not missing:
-            err = _import_error()
-            if err:
-                r.append(f"flash-attn-4 is installed but flash_attn.cute fails to import ({err}); "
-                         "FA4 needs nvidia-cutlass-dsl and cuda-bindings (pip install flash-attn-4)")
-        return r
+        if self.missing_packages():
+            return [f"FlashAttention-4 is not installed ({self.install_hint}, or pip install flash-attn-4)"]
+        err = _import_error()
+        if err is None:
+            return []
+        if _not_fa4(err):
+            other = dist_version("flash-attn")
+            here = f"flash_attn here is flash-attn {other} (FlashAttention 2, no flash_attn.cute)" \
+                if other != "?" else f"flash_attn has no flash_attn.cute ({err})"
+            return [f"FlashAttention-4 is not installed: {here} ({self.install_hint}, or pip install "
+                    "flash-attn-4: both install side by side)"]
+        return [f"flash-attn-4 {_fa4_version()} is installed but flash_attn.cute fails to import ({err}): "
+                + FA4_IMPORT_FIX]
 
     def extra_reasons(self, problem):
         if problem.T and problem.seq_len % problem.T:
             yield f"sequence length {problem.seq_len} is not a multiple of T={problem.T}"
         cc = problem.compute_capability
-        if cc is not None and cc[0] not in (9, 10):
-            yield (f"FA4's block-sparse forward runs on sm_90/sm_100 (Hopper, Blackwell), "
-                   f"this GPU is sm_{cc[0]}{cc[1]}")
+        if problem.device_kind == "cuda" and (cc is None or cc[0] not in (9, 10)):
+            have = f"sm_{cc[0]}{cc[1]}" if cc else "of unknown compute capability"
+            yield (f"FA4's block-sparse forward runs on Hopper (sm_90) and Blackwell (sm_100), this GPU is "
+                   f"{have}: flashinfer and triton are the fast backends there")
+
+    def tile_for(self, problem) -> Tuple[int, int]:
+        """The tables' tile: FA4's SM100 forward computes two 128-row query tiles per CTA
+        (``q_stage`` 2), and its block sparsity then takes 256-row query blocks (FA4's
+        interface); sm_90 runs :attr:`tile`. (Blackwell is untested.)"""
+        cc = problem.compute_capability
+        q_stage = 2 if problem.device_kind == "cuda" and cc is not None and cc[0] == 10 else 1
+        return (self.tile[0] * q_stage, self.tile[1])
 
     def compile_key(self, problem) -> str:
-        return f"{super().compile_key(problem)} fa4 {_fa4_version()}"
+        """What FA4 compiles anew for (its own compile key, in lvsa's terms): dtype, head
+        dim, text (FA4 returns the LSE then), the exact GQA ratio, batch 1 or more (the
+        tables broadcast over the batch with stride 0 only when it is > 1; FA4 keys on the
+        broadcast pattern), one head or more (likewise), the GPU architecture."""
+        key = f"{str(problem.dtype).replace('torch.', '')} head_dim={problem.head_dim}"
+        if problem.text_len:
+            key += " +text"
+        if problem.gqa:
+            key += f" gqa{problem.num_heads // max(problem.num_kv_heads, 1)}"
+        if problem.batch > 1:
+            key += " batch>1"
+        if problem.num_heads == 1:
+            key += " heads=1"
+        cc = problem.compute_capability
+        if cc:
+            key += f" sm_{cc[0]}{cc[1]}"
+        return f"{key} fa4 {_fa4_version()}"
 
     def compile_cache_dir(self):
         """FA4 keeps compiled kernels in memory; on disk only with
-        ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` (``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``)."""
+        ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``: ``FLASH_ATTENTION_CUTE_DSL_CACHE_DIR``,
+        default ``<tmp>/<user>/flash_attention_cute_dsl_cache`` (FA4's ``cache_utils``)."""
+        import getpass
         import os
         import tempfile
 
         if os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED") != "1":
             return None
-        return os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR") or os.path.join(
-            tempfile.gettempdir(), "flash_attention_cute_dsl_cache")
+        d = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+        if d:
+            return d
+        try:
+            user = getpass.getuser()
+        except Exception:  # noqa: BLE001 - no user name (a container without one): FA4 fails the same
+            return None
+        return os.path.join(tempfile.gettempdir(), user, "flash_attention_cute_dsl_cache")
 
     def plan(self, mask: BlockMask, problem) -> FA4Plan:
         device = problem.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         P = problem.seq_len // mask.num_frames
-        tables = tile_tables(mask, P, problem.q_rows, self.tile).to(device)
+        tables = tile_tables(mask, P, problem.q_rows, self.tile_for(problem), device=device)
         return FA4Plan(tables, problem.batch, mask.num_frames, P, problem.num_heads,
                        problem.num_kv_heads, problem.head_dim, problem.dtype, problem.q_rows)
 
