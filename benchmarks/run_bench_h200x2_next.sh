@@ -5,7 +5,9 @@
 #  1. Wan 14B T_lat 121 batch 2 on 2 GPUs, diffusers' Ulysses dense vs flashinfer and triton,
 #     with the NCCL share (the 11-30 row ran flashinfer alone, without the profiler, and before
 #     the context-parallel memory fix: its 55.9 vs 48.6 GiB should now read ~48.6);
-#  2. the reference on 2 GPUs at T_lat 121 batch 2 and T_lat 81 batch 1.
+#  2. the reference on 2 GPUs at T_lat 121 batch 2 and T_lat 81 batch 1;
+# first, cp_check (2 ranks vs 1, Ulysses and sequence mode, a real-size Wan 1.3B forward at batch 2):
+# the exchange was rewritten for memory after the last NCCL check.
 # (~520 s. Dense on ONE GPU at T_lat 121 batch 2 -- diffusers' own, ~125 s -- does not fit here:
 # it is the last step of run_bench_h200_next.sh on one H200.)
 # The first call (11-30) skipped row 1 on the bench's own time estimate (380 s for ~300 s of work)
@@ -17,6 +19,9 @@ tag=${1:-x2rows2}
 source benchmarks/device_setup.sh
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=24 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
+# the context-parallel exchange changed (memory fix): 2 ranks vs 1 through a real Wan 1.3B forward at batch 2
+timeout 120 torchrun --nproc-per-node 2 benchmarks/cp_check.py --shapes wan1.3b-t81 --backends flashinfer \
+  --transformer wan1.3b --batch 2 --out "$out" --tag "$tag" 2>&1 | grep -E "^  |cp_check|rank" | tail -12 | tee "$out/bench-$tag.log"
 filter() { grep -v '^\[LVSA\] \(reference_latent\|computed\|kfi=\|engaged\)' | grep -v Warn | tee -a "$out/bench-$tag.log" | tail -15; }
 left() { echo $(( 560 - ($(date +%s) - start) )); }
 timeout -s INT 300 python3 -m lvsa bench model --world-size 2 --out "$out" --tag "$tag-b2" --no-progress \
