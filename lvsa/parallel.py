@@ -400,7 +400,9 @@ class ContextParallel:
         send = t.reshape(B, w, S // w, h, D).permute(1, 0, 2, 3, 4).contiguous()
         own = send.data_ptr() != t.data_ptr()  # packed by a copy (batch > 1), else a view of t
         del t
-        return self._exchange([send], (1, 2, 0, 3, 4), reuse=own).reshape(B, S // w, w * h, D)
+        box = [send]
+        del send  # at batch 1 `send` is a view of the output: _exchange must hold its last reference
+        return self._exchange(box, (1, 2, 0, 3, 4), reuse=own).reshape(B, S // w, w * h, D)
 
     def attention(self, attend, q, k, v, text_k=None, text_v=None):
         """Exact attention of the video queries of local shards under context parallelism.

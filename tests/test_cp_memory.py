@@ -181,3 +181,31 @@ def _primitives(rank, world, batch):
 def test_exchange_primitives_are_exact_and_leave_inputs_alone(batch):
     for r in run_ranks(_primitives, 3, batch, timeout=120):
         assert r.finished and r.error is None, f"rank {r.rank}: {r.error}\n{r.traceback}"
+
+
+def _handed_over_output(rank, world, batch):
+    from lvsa.parallel import ContextParallel
+    from live_bytes import LiveBytes
+
+    cp = ContextParallel(mode="ulysses")
+    with LiveBytes() as m:
+        out = torch.randn(batch, 8 * world, 4, 16)  # an attention output [B, S, H/w, D], counted
+        u = out.nbytes
+        box = [out]
+        del out
+        with m.window() as w:  # peak above what lives at entry (the output, U)
+            res = cp.take_heads_to_seq(box)
+    return w.peak / u, tuple(res.shape)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_handed_over_output_exchange_holds_two_buffers(batch):
+    """The output exchange of a handed-over attention output holds at most its send and
+    receive buffers (1U above the output it was given), at batch 1 too: there the send
+    buffer is a view of the output, which a local reference kept alive beside the receive
+    buffer and the result (3U, 2U above)."""
+    for r in run_ranks(_handed_over_output, 2, batch, timeout=120):
+        assert r.finished and r.error is None, f"rank {r.rank}: {r.error}\n{r.traceback}"
+        peak, shape = r.value
+        assert shape == (batch, 8, 8, 16)
+        assert peak <= 1.0, peak

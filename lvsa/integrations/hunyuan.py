@@ -94,8 +94,11 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
         text_mask = (text_valid.view(B, 1, Lt, 1) & key_valid.view(B, 1, 1, Sv + Lt)).bool()
         text_out = dispatch_attention_fn(enc_query, all_key, all_value, attn_mask=text_mask, dropout_p=0.0,
                                          is_causal=False, backend=self._attention_backend)
-        if layout == "ulysses":  # back to the local tokens, all heads
-            video_out = cp.heads_to_seq(video_out.to(query.dtype))
+        del all_key, all_value
+        if layout == "ulysses":  # back to the local tokens, all heads (the output handed over)
+            box = [video_out.to(query.dtype)]
+            del video_out
+            video_out = cp.take_heads_to_seq(box)
             text_out = cp.all_gather(text_out.to(query.dtype).contiguous(), 2)
 
         out = torch.cat([video_out.to(query.dtype), text_out.to(query.dtype)], dim=1)
