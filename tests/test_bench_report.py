@@ -296,3 +296,31 @@ def test_model_markdown_marks_a_diffusers_memory_baseline():
                                                                        "flashinfer")}}
     md = model.markdown(meta, [rec])
     assert "| 48.6† / 55.9 |" in md and "the baseline's peak memory" in md
+
+
+def test_files_from_different_devices_or_dtypes_are_not_merged(tmp_path):
+    """A merged row computes ratios across its files: an H100 file and an H200 file (or
+    bf16 and fp16) in one table would be a silent wrong answer, so the report refuses."""
+    import json
+
+    from lvsa.bench import rows
+
+    import os
+
+    res = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results")
+    src = os.path.join(res, "model-h200-rows14b-20261130-074101.json")
+    data = json.load(open(src))
+    other = json.loads(json.dumps(data))
+    other["meta"]["device_before"]["gpus"][0]["name"] = "NVIDIA H100 80GB HBM3"
+    other["meta"]["date"] = "2026-12-01T00:00:00+00:00"
+    p = tmp_path / "h100.json"
+    p.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different devices") as e:
+        rows.load_sources([src, str(p)])
+    assert "NVIDIA H100 80GB HBM3: " in str(e.value) and "NVIDIA H200: " in str(e.value)
+    other["meta"]["device_before"]["gpus"][0]["name"] = "NVIDIA H200"
+    other["meta"]["dtype"] = "float16"
+    p.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="different dtypes"):
+        rows.load_sources([src, str(p)])
+    assert len(rows.load_sources([src, os.path.join(res, "model-h200-rows-20261130-073548.json")])) == 2

@@ -179,7 +179,40 @@ def load_sources(paths: Sequence[str], option: str = "lvsa bench report") -> Lis
     out.sort(key=lambda s: (s.date, s.rel))
     for i, s in enumerate(out, 1):
         s.index = i
+    _same_machine(out, option)
     return out
+
+
+def machine(data: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """``(accelerator name, dtype)`` a results file was measured with (``None`` where an
+    older file does not say)."""
+    meta = data.get("meta") or {}
+    dev = meta.get("device_before") if isinstance(meta.get("device_before"), dict) else {}
+    name = None
+    gpus = dev.get("gpus")
+    if isinstance(gpus, list) and gpus and isinstance(gpus[0], dict):
+        name = gpus[0].get("name")
+    if not name and isinstance(meta.get("device"), dict):
+        name = meta["device"].get("name")
+    if not name:
+        name = dev.get("name") or dev.get("npu_name") or (dev.get("cpu") if dev.get("kind") == "cpu" else None)
+    return (str(name) if name else None), meta.get("dtype")
+
+
+def _same_machine(sources: Sequence["Source"], option: str) -> None:
+    """Files merged into one table must come from one kind of accelerator and one dtype:
+    a row's ratios are computed across its files (an H100 dense time against an H200 lvsa
+    time would be a silent wrong answer)."""
+    seen: Dict[int, Dict[str, List[str]]] = {0: {}, 1: {}}
+    for s in sources:
+        for i, v in enumerate(machine(s.data)):
+            if v:
+                seen[i].setdefault(v, []).append(s.rel)
+    for i, what in ((0, "devices"), (1, "dtypes")):
+        if len(seen[i]) > 1:
+            listed = "; ".join(f"{v}: {', '.join(files)}" for v, files in seen[i].items())
+            raise ValueError(f"{option}: the files were measured on different {what} ({listed}); "
+                             "report each in its own run (a merged row would compare times across them)")
 
 
 # ------------------------------------------------------------------ merging
