@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call on TWO H200s (kind nvidia-h200-x2), ~9 minutes: the rows of issue 12's
+# scaling table still missing, each its own results file that `lvsa bench report` merges
+# with model-h200-h200x2-*.json and model-h200-x2rows-*.json (run_bench_h200x2_rows.sh, 11-30):
+#  1. Wan 14B T_lat 121 batch 2 on 2 GPUs, diffusers' Ulysses dense vs flashinfer and triton,
+#     with the NCCL share (the 11-30 row ran flashinfer alone, without the profiler, and before
+#     the context-parallel memory fix: its 55.9 vs 48.6 GiB should now read ~48.6);
+#  2. the reference on 2 GPUs at T_lat 121 batch 2 and T_lat 81 batch 1;
+# first, cp_check (2 ranks vs 1, Ulysses and sequence mode, a real-size Wan 1.3B forward at batch 2):
+# the exchange was rewritten for memory after the last NCCL check.
+# (~520 s. Dense on ONE GPU at T_lat 121 batch 2 -- diffusers' own, ~125 s -- does not fit here:
+# it is the last step of run_bench_h200_next.sh on one H200.)
+# The first call (11-30) skipped row 1 on the bench's own time estimate (380 s for ~300 s of work)
+# and lost a file to the device's 8-files limit: --budget-s is set high (timeout bounds the call)
+# and the plots are deleted before the call ends (the JSON and Markdown come back).
+#   device run --kind nvidia-h200-x2 --carry .whl .gpu: bash benchmarks/run_bench_h200x2_next.sh [TAG]
+set -uo pipefail
+tag=${1:-x2rows2}
+source benchmarks/device_setup.sh
+[ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
+MAX_JOBS=24 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
+# the context-parallel exchange changed (memory fix): 2 ranks vs 1 through a real Wan 1.3B forward at batch 2
+timeout 120 torchrun --nproc-per-node 2 benchmarks/cp_check.py --shapes wan1.3b-t81 --backends flashinfer \
+  --transformer wan1.3b --batch 2 --out "$out" --tag "$tag" 2>&1 | grep -E "^  |cp_check|rank" | tail -12 | tee "$out/bench-$tag.log"
+filter() { grep -v '^\[LVSA\] \(reference_latent\|computed\|kfi=\|engaged\)' | grep -v Warn | tee -a "$out/bench-$tag.log" | tail -15; }
+left() { echo $(( 560 - ($(date +%s) - start) )); }
+timeout -s INT 300 python3 -m lvsa bench model --world-size 2 --out "$out" --tag "$tag-b2" --no-progress \
+  --models wan2.1-14b:121@2 --baselines diffusers --backends flashinfer triton --warmup 1 --repeats 1 \
+  --budget-s 999 2>&1 | filter
+l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
+  --tag "$tag-ref" --no-progress --models wan2.1-14b:121@2 wan2.1-14b:81@1 --baselines none --backends reference \
+  --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
+rm -f "$out"/*.png "$out"/prewarm-*
+echo "[run] total $(( $(date +%s) - start ))s" | tee -a "$out/bench-$tag.log"
