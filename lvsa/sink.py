@@ -9,6 +9,7 @@ generation); the sink alone decides which lines are repeats.
 """
 from __future__ import annotations
 
+import re
 import sys
 import threading
 
@@ -25,6 +26,49 @@ PRINT_ONCE = {
     "notice": ("message",),
     "plugin_error": ("plugin", "error"),
 }
+
+
+#: a backend name followed by ``": "``: what starts each item of a ``refused:`` list
+_REFUSED_NAME = re.compile(r"[\w.+-]+: ")
+
+
+def format_refused(refused) -> str:
+    """The ``refused:`` tail of the ``[LVSA] backend=…`` line: ``name: reason, reason; name: …``.
+
+    A reason's own ``\\`` and ``;`` are written ``\\\\`` and ``\\;``, so ``"; "`` only ever
+    separates backends; :func:`parse_refused` reads it back.
+    """
+    def esc(t: str) -> str:
+        return t.replace("\\", "\\\\").replace(";", "\\;")
+    return "; ".join(f"{n}: {esc(', '.join(r) if isinstance(r, (list, tuple)) else str(r))}"
+                     for n, r in refused.items())
+
+
+def parse_refused(text: str) -> dict:
+    """``{name: reasons}`` from the tail :func:`format_refused` wrote.
+
+    Logs written before reasons were escaped are read too: there a ``"; "`` splits only
+    where a backend name and ``": "`` follow it, so a reason like ``needs X; got Y`` stays whole.
+    """
+    parts, cur, i, text = [], [], 0, text or ""
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and text[i + 1:i + 2] in ("\\", ";"):
+            cur.append(text[i + 1])
+            i += 2
+        elif text.startswith("; ", i) and _REFUSED_NAME.match(text, i + 2):
+            parts.append("".join(cur))
+            cur, i = [], i + 2
+        else:
+            cur.append(c)
+            i += 1
+    parts.append("".join(cur))
+    out = {}
+    for part in parts:
+        if ": " in part:
+            name, why = part.split(": ", 1)
+            out[name.strip()] = why.strip()
+    return out
 
 
 def rank_prefix():
@@ -105,7 +149,7 @@ class DefaultSink:
                         f"seq_len={f.get('seq_len')}{extra} -- falling back to {target} "
                         "(set LVSA_WARN_FALLBACK=0 to silence)")
         elif k == "selection":
-            refused = "; ".join(f"{n}: {', '.join(r)}" for n, r in f["refused"].items())
+            refused = format_refused(f["refused"])
             self._print(f"[LVSA] backend={f['backend']} (auto on {f['device']})"
                         + (f" refused: {refused}" if refused else ""))
             if f.get("why"):

@@ -333,6 +333,21 @@ def test_compare_prints_the_ratio_per_row(quick_model, tmp_path, capsys):
     assert main(["bench", "model", "--quick", "--compare", str(tmp_path / "missing.json")]) == 2
 
 
+def test_compare_lines_takes_no_label():
+    """``compare_lines`` had a ``label`` argument it never used; passing one now fails
+    loudly instead of being silently ignored."""
+    from lvsa.bench import common
+
+    def entries(d):
+        return {(r["name"],): r["t"] for r in d["records"]}
+
+    new = {"records": [{"name": "a", "t": 1.0}]}
+    old = {"meta": {"command": "x", "date": "d"}, "records": [{"name": "a", "t": 4.0}]}
+    assert common.compare_lines(new, old, entries)[-1].split()[-1] == "0.250"
+    with pytest.raises(TypeError):
+        common.compare_lines(new, old, entries, label="time")
+
+
 def test_report_regenerates_the_readme_section(quick_model, tmp_path, capsys):
     _, path, _ = quick_model
     readme = tmp_path / "README.md"

@@ -437,6 +437,25 @@ def test_doctor_log_names_a_broken_fa4_install_and_its_fix(monkeypatch):
     assert "pip install --upgrade flash-attn-4 nvidia-cutlass-dsl apache-tvm-ffi   # fa4" in fx
 
 
+def test_selection_reasons_containing_a_semicolon_survive_the_round_trip():
+    """A reason may itself hold ``"; "`` (or ``"; name: "``, or a backslash); the line the sink
+    writes and the parser reads must agree on where one backend's reasons end."""
+    refused = {"fa4": ["needs head_dim <= 256; got 512", "see: a; triton: b"],
+               "triton": [r"cache at C:\tmp\; unwritable"]}
+    log = _selection_line("flex", refused)  # a (backend, device) no other test prints: the sink prints each once
+    rec = parse_log(log.encode(), "x").first("selection")
+    assert rec.fields["refused"] == {n: ", ".join(r) for n, r in refused.items()}
+
+
+def test_selection_lines_from_older_logs_still_split_per_backend():
+    """Logs written before reasons were escaped: ``"; "`` splits only before ``name: ``."""
+    log = ("[LVSA] backend=reference (auto on cuda) refused: flashinfer: needs X; got Y, "
+           "allowed: 64, 128; triton: lvsa-cuda is not installed (pip install lvsa-cuda)\n")
+    assert parse_log(log.encode(), "x").first("selection").fields["refused"] == {
+        "flashinfer": "needs X; got Y, allowed: 64, 128",
+        "triton": "lvsa-cuda is not installed (pip install lvsa-cuda)"}
+
+
 def test_doctor_install_fixes_are_per_backend(monkeypatch):
     """Every fast backend refused on a GPU: each missing one gets its own install command."""
     why = _fa4_reason(monkeypatch, missing=True)

@@ -427,8 +427,8 @@ def fmt(x, spec: str = ".2f", none: str = "—") -> str:
     return format(x, spec)
 
 
-def compare_lines(new: Dict[str, Any], old: Dict[str, Any], entries: Callable[[Dict[str, Any]], Dict[Tuple, Any]],
-                  label: str = "time") -> List[str]:
+def compare_lines(new: Dict[str, Any], old: Dict[str, Any],
+                  entries: Callable[[Dict[str, Any]], Dict[Tuple, Any]]) -> List[str]:
     """One line per entry present in both files: new / old time (> 1: slower now)."""
     a, b = entries(new), entries(old)
     lines = [f"compare: {old.get('meta', {}).get('command', '?')} ({old.get('meta', {}).get('date', '?')})",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..presets import ALIASES
+from ..sink import parse_refused
 
 __all__ = ["LogRecord", "ParsedLog", "UnreadableInput", "parse_log", "parse_fields", "read_input"]
 
@@ -231,11 +232,7 @@ def _lvsa_record(i: int, seg: str) -> LogRecord:
         return LogRecord(i, "fallback", seg, f)
     m = P_SELECTION.search(seg)
     if m:
-        refused: Dict[str, str] = {}
-        for part in (m["refused"] or "").split("; "):
-            if ": " in part:
-                name, why = part.split(": ", 1)
-                refused[name.strip()] = why.strip()
+        refused: Dict[str, str] = parse_refused(m["refused"] or "")
         return LogRecord(i, "selection", seg, {"backend": m["backend"], "device": m["device"], "refused": refused})
     m = P_WARNING.search(seg)
     if m:
