@@ -147,12 +147,7 @@ def test_plan_builds_the_tables_on_the_problem_device(monkeypatch):
                     (torch.device("cpu"), (128, 128))]
 
 
-def _problem(**kw):
-    base = dict(device_kind="cuda", dtype=torch.bfloat16, batch=2, seq_len=9 * 1560,
-                num_heads=12, num_kv_heads=12, head_dim=128, text_len=256, T=9, P=1560,
-                compute_capability=(9, 0))
-    base.update(kw)
-    return Problem(**base)
+from cuda_problems import h200_problem as _problem  # noqa: E402
 
 
 def test_reasons(monkeypatch):
@@ -414,3 +409,20 @@ def test_warmup_builds_fa4_for_batch_one_and_more(fresh_plugins, fake_fa4, monke
         assert f"[LVSA] compiling fa4 for {key}..." in err
     assert cli.main(["warmup", "--backends", "fa4", "--device", "cpu", "--model", "wan2.1-t2v-1.3b"]) == 0
     assert "fa4: built in this process only, the next one compiles again: FA4 keeps" in capsys.readouterr().out
+
+
+def test_a_copy_for_a_strided_head_dim_is_said(fake_fa4, capsys):
+    """q with a non-unit last stride is copied for FA4, with a warning line, and the
+    result is still exact."""
+    T, P, H, D = 5, 6, 2, 16
+    mask = plan_schedule(T, 1, 1, 2).mask(1)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, T * P, H, D, 2, generator=g)[..., 0]   # last stride 2
+    k, v = (torch.randn(1, T * P, H, D, generator=g) for _ in range(2))
+    assert q.stride(-1) != 1
+    be = fa.FA4Backend()
+    be.tile = (8, 8)
+    out = be.run(be.plan(mask, Problem.from_tensors(q, k, mask)), q, k, v)
+    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v)
+    assert torch.allclose(out, ref, atol=2e-5)
+    assert "fa4: q not contiguous in head_dim, copied" in capsys.readouterr().err

@@ -60,12 +60,7 @@ def test_lse_base2_conversion_and_exact_merge():
     assert torch.allclose(merged.double(), full.double(), atol=1e-5)
 
 
-def _problem(**kw):
-    base = dict(device_kind="cuda", dtype=torch.bfloat16, batch=2, seq_len=9 * 1560,
-                num_heads=12, num_kv_heads=12, head_dim=128, text_len=256, T=9, P=1560,
-                compute_capability=(9, 0))
-    base.update(kw)
-    return Problem(**base)
+from cuda_problems import h200_problem as _problem  # noqa: E402
 
 
 def test_reasons_when_package_missing(monkeypatch):

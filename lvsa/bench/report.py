@@ -145,6 +145,12 @@ def _distinct(sources: Sequence[Source]) -> str:
     return "; ".join([devs, ", ".join(parts + [uniq(s.meta.get("dtype") for s in sources)])])
 
 
+def _mem_cell(variants, base: str, mark: str, r) -> str:
+    """``dense / lvsa`` peak GiB (``mark``: the dense side is diffusers' own)."""
+    return (f"{common.fmt(variants.get(base, {}).get('peak_alloc_gib'), '.1f')}{mark} / "
+            f"{common.fmt(r.get('peak_alloc_gib'), '.1f')}")
+
+
 def _t(V: Dict[str, Any], name: Optional[str]) -> str:
     """A variant's time cell: seconds, OOM, n/a, error, or "not run" for a baseline the
     row's files did not time."""
@@ -191,8 +197,7 @@ def _model_table(records: List[Dict[str, Any]], skipped: List[str], src: bool = 
                    f"| {_t(V, 'diffusers')} | {_t(V, 'dense')} | {lv} "
                    f"| {_x(r.get('speedup_vs_dense'), mark)} | {_x(r.get('speedup_vs_diffusers'))} "
                    f"| {_x(rec.get('ceiling_speedup'), mark)} | {common.fmt(r.get('of_ceiling'))} "
-                   f"| {common.fmt(V.get(base, {}).get('peak_alloc_gib'), '.1f')}{mark} / "
-                   f"{common.fmt(r.get('peak_alloc_gib'), '.1f')} |"
+                   f"| {_mem_cell(V, base, mark, r)} |"
                    + (f" {_src(rec, ['diffusers', 'dense', b])} |" if src else ""))
     if fallback:
         out += ["", FALLBACK_NOTE]
@@ -239,8 +244,7 @@ def _multi_gpu_table(records: List[Dict[str, Any]], skipped: List[str], src: boo
                        f"| {one_dense} | {common.fmt(one.get(b), '.3g')} "
                        f"| {_x(r.get('speedup_vs_1gpu'))} | {common.fmt(r.get('parallel_efficiency'))} "
                        f"| {common.fmt(r.get('comm_share'))} "
-                       f"| {common.fmt(V.get(base, {}).get('peak_alloc_gib'), '.1f')}{mark} / "
-                       f"{common.fmt(r.get('peak_alloc_gib'), '.1f')} |"
+                       f"| {_mem_cell(V, base, mark, r)} |"
                        + (f" {_src(rec, ['diffusers', 'dense', b], ['diffusers', 'dense', b])} |" if src else ""))
     if fallback:
         out += ["", FALLBACK_NOTE]

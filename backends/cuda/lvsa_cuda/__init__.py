@@ -39,6 +39,15 @@ class CudaBackend(Backend):
     tolerances = {torch.bfloat16: (1.6e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
 
 
+def concrete_device(device) -> torch.device:
+    """``device`` with its index: a bare ``cuda`` is the current CUDA device (plans and
+    per-device buffers are keyed by the GPU they live on)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def device_guard(device):
     """Launch on ``device`` even when it is not the current CUDA device."""
     if device.type == "cuda":

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend, device_guard, dist_version, import_error
+from lvsa_cuda import CudaBackend, concrete_device, device_guard, dist_version, import_error
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
 from lvsa.ops import default_scale
@@ -297,17 +297,14 @@ class FA4Backend(CudaBackend):
         return os.path.join(tempfile.gettempdir(), user, "flash_attention_cute_dsl_cache")
 
     def plan(self, mask: BlockMask, problem) -> FA4Plan:
-        device = problem.device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = concrete_device(problem.device)
         P = problem.seq_len // mask.num_frames
         tables = tile_tables(mask, P, problem.q_rows, self.tile_for(problem), device=device)
         return FA4Plan(tables, problem.batch, mask.num_frames, P, problem.num_heads,
                        problem.num_kv_heads, problem.head_dim, problem.dtype, problem.q_rows)
 
     def run(self, handle: FA4Plan, q, k, v, text_k=None, text_v=None, scale=None):
-        from .flashinfer_backend import merge_text_torch
-        from .triton_backend import attend_text_into
+        from .flashinfer_backend import merge_text
 
         if not isinstance(handle, FA4Plan):
             raise TypeError(f"fa4.run() takes the FA4Plan from fa4.plan(mask, problem), "
@@ -325,7 +322,12 @@ class FA4Backend(CudaBackend):
         t = handle.tables
         func, bst_cls, mod = kernel()
         bst = bst_cls(t.mask_cnt, t.mask_idx, t.full_cnt, t.full_idx, block_size=t.tile)
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        strided = [n for n, x in (("q", q), ("k", k), ("v", v)) if x.stride(-1) != 1]
+        if strided:  # FA4 reads rows of head_dim contiguous elements
+            from lvsa import telemetry
+            telemetry.emit("warning", message=(
+                f"fa4: {', '.join(strided)} not contiguous in head_dim, copied before every call "
+                "(pass [B, S, H, D] tensors with a unit last stride to avoid the copy)"))
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         with device_guard(q.device):
             out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod,
@@ -333,12 +335,7 @@ class FA4Backend(CudaBackend):
                             block_sparse_tensors=bst, return_lse=has_text)
         if has_text:
             # FA4's LSE is natural-log, [B, H, n]; the merge takes base 2, [B, n, H]
-            lse2 = (lse / LN2).transpose(1, 2).contiguous()
-            if q.device.type != "cuda":
-                out = merge_text_torch(out, lse2, q, text_k, text_v, scale)
-            else:
-                with device_guard(q.device):
-                    out = attend_text_into(out, lse2, q, text_k, text_v, scale)
+            out = merge_text(out, (lse / LN2).transpose(1, 2).contiguous(), q, text_k, text_v, scale)
         return out
 
 

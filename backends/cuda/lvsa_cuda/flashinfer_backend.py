@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend, device_guard, dist_version, import_error
+from lvsa_cuda import CudaBackend, concrete_device, device_guard, dist_version, import_error
 from lvsa.config import Setting, p_int
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
@@ -54,9 +54,7 @@ WORKSPACE_SETTING = Setting(
 
 def workspace(device: torch.device) -> torch.Tensor:
     """The one float workspace of ``device`` (uint8), shared by every plan and layer."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = concrete_device(device)
     key = str(device)
     with _lock:
         buf = _workspaces.get(key)
@@ -177,9 +175,7 @@ class FlashInferBackend(CudaBackend):
 
     # ------------------------------------------------------------------ plan
     def plan(self, mask: BlockMask, problem) -> FlashInferPlan:
-        device = problem.device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = concrete_device(problem.device)
         P = problem.seq_len // mask.num_frames
         return self._build(mask, problem, device, P, default_scale(problem.head_dim))
 
@@ -210,8 +206,6 @@ class FlashInferBackend(CudaBackend):
 
     # ------------------------------------------------------------------- run
     def run(self, handle: FlashInferPlan, q, k, v, text_k=None, text_v=None, scale=None):
-        from .triton_backend import attend_text_into
-
         if not isinstance(handle, FlashInferPlan):
             raise TypeError(f"flashinfer.run() takes the FlashInferPlan from "
                             f"flashinfer.plan(mask, problem), got {type(handle).__name__}")
@@ -258,14 +252,20 @@ class FlashInferBackend(CudaBackend):
             out = out[:, cut[0]:cut[1]]
             lse2 = None if lse2 is None else lse2[:, cut[0]:cut[1]]
         if has_text:
-            if q.device.type != "cuda":
-                # the text-merge kernel needs CUDA tensors (or the Triton interpreter): on any
-                # other device (the CPU test stand-in) merge the text part in torch instead
-                out = merge_text_torch(out, lse2, q, text_k, text_v, scale)
-            else:
-                with device_guard(q.device):
-                    out = attend_text_into(out, lse2, q, text_k, text_v, scale)
+            out = merge_text(out, lse2, q, text_k, text_v, scale)
         return out if cut is None else out.contiguous()
+
+
+def merge_text(out, lse2, q, text_k, text_v, scale: float):
+    """Merge the text keys exactly into a finished sparse result from its base-2 LSE
+    ``[B, n, H]`` (in place): the Triton kernel on a CUDA GPU; on any other device (the
+    CPU stand-ins of FlashInfer and FA4) in torch, since the kernel needs CUDA tensors."""
+    if q.device.type != "cuda":
+        return merge_text_torch(out, lse2, q, text_k, text_v, scale)
+    from .triton_backend import attend_text_into
+
+    with device_guard(q.device):
+        return attend_text_into(out, lse2, q, text_k, text_v, scale)
 
 
 def merge_text_torch(out, lse2, q, text_k, text_v, scale: float):

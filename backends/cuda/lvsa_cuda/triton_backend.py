@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend, device_guard
+from lvsa_cuda import CudaBackend, concrete_device, device_guard
 from lvsa.config import Setting
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask, token_ranges
@@ -587,9 +587,7 @@ class TritonBackend(CudaBackend):
             os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
 
     def plan(self, mask: BlockMask, problem) -> TritonPlan:
-        device = problem.device
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = concrete_device(problem.device)
         plan = plan_for(mask, device)
         if problem.q_rows is not None:
             plan = dataclasses.replace(plan, q_rows=tuple(problem.q_rows))  # tile tables shared
