@@ -13,22 +13,37 @@
 # The first call (11-30) skipped row 1 on the bench's own time estimate (380 s for ~300 s of work)
 # and lost a file to the device's 8-files limit: --budget-s is set high (timeout bounds the call)
 # and the plots are deleted before the call ends (the JSON and Markdown come back).
-#   device run --kind nvidia-h200-x2 --carry .whl .gpu: bash benchmarks/run_bench_h200x2_next.sh [TAG]
+# When run_cp_fa4_x2.sh ran just before on the same warm machine, FlashAttention-4 is in
+# .gpu-site/ and fa4 joins the transformer check and the model rows. Stage `ref` (a third call,
+# same machine) runs only row 2: the main stage fills the 600-s call with fa4 in it.
+#   device run --kind nvidia-h200-x2 --carry .whl .gpu: bash benchmarks/run_bench_h200x2_next.sh [TAG] [main|ref]
 set -uo pipefail
 tag=${1:-x2rows2}
+stage=${2:-main}
 source benchmarks/device_setup.sh
+site=$PWD/.gpu-site
+fa4=""
+if [ -d "$site/flash_attn" ]; then
+  export PYTHONPATH=$PYTHONPATH:$site:$site/nvidia_cutlass_dsl/dsl_packages
+  python3 -c "import flash_attn.cute" && fa4=fa4
+fi
+echo "[run] stage $stage, fa4: ${fa4:-absent}" | tee -a "$out/bench-$tag.log"
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=24 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
-# the context-parallel exchange changed (memory fix): 2 ranks vs 1 through a real Wan 1.3B forward at batch 2
-timeout 120 torchrun --nproc-per-node 2 benchmarks/cp_check.py --shapes wan1.3b-t81 --backends flashinfer \
-  --transformer wan1.3b --batch 2 --out "$out" --tag "$tag" 2>&1 | grep -E "^  |cp_check|rank" | tail -12 | tee "$out/bench-$tag.log"
 filter() { grep -v '^\[LVSA\] \(reference_latent\|computed\|kfi=\|engaged\)' | grep -v Warn | tee -a "$out/bench-$tag.log" | tail -15; }
-left() { echo $(( 560 - ($(date +%s) - start) )); }
-timeout -s INT 300 python3 -m lvsa bench model --world-size 2 --out "$out" --tag "$tag-b2" --no-progress \
-  --models wan2.1-14b:121@2 --baselines diffusers --backends flashinfer triton --warmup 1 --repeats 1 \
-  --budget-s 999 2>&1 | filter
-l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
-  --tag "$tag-ref" --no-progress --models wan2.1-14b:121@2 wan2.1-14b:81@1 --baselines none --backends reference \
-  --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
+left() { echo $(( 570 - ($(date +%s) - start) )); }
+if [ "$stage" = main ]; then
+  # the context-parallel exchange changed (memory fix): 2 ranks vs 1 through a real Wan 1.3B forward at batch 2
+  timeout 150 torchrun --nproc-per-node 2 benchmarks/cp_check.py --shapes wan1.3b-t81 --backends flashinfer $fa4 \
+    --transformer wan1.3b --batch 2 --out "$out" --tag "$tag" 2>&1 | grep -E "^  |cp_check|rank" | tail -12 \
+    | tee -a "$out/bench-$tag.log"
+  l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
+    --tag "$tag-b2" --no-progress --models wan2.1-14b:121@2 --baselines diffusers --backends $fa4 flashinfer triton \
+    --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
+else
+  l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
+    --tag "$tag-ref" --no-progress --models wan2.1-14b:121@2 wan2.1-14b:81@1 --baselines none --backends reference \
+    --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
+fi
 rm -f "$out"/*.png "$out"/prewarm-*
 echo "[run] total $(( $(date +%s) - start ))s" | tee -a "$out/bench-$tag.log"
