@@ -1,8 +1,10 @@
 """Shared tensor helpers: input validation, log-sum-exp merging, dense attention."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +116,38 @@ def sdpa(q, k, v, scale, attn_mask=None):
     return o.transpose(1, 2)
 
 
+#: ``fn(q, k, v, text_k, text_v, scale) -> out``: a dense attention kernel (same contract
+#: as :func:`dense_attention`)
+DenseKernel = Callable[..., torch.Tensor]
+_dense_kernel: contextvars.ContextVar[Optional[DenseKernel]] = contextvars.ContextVar(
+    "lvsa_dense_kernel", default=None)
+
+
+@contextlib.contextmanager
+def dense_kernel(fn: Optional[DenseKernel]) -> Iterator[None]:
+    """Inside the block (this thread / task only), :func:`dense_attention` — the engine's
+    full-density path: dense-by-design masks and geometry fallbacks — runs
+    ``fn(q, k, v, text_k, text_v, scale)`` instead of torch SDPA; ``None`` keeps SDPA.
+
+    The one place a caller routes lvsa's dense calls to another kernel (``lvsa bench
+    model`` runs its *best dense* row on FlashAttention-4's dense forward this way when
+    that is the card's fastest). ``fn`` must compute exactly what :func:`dense_attention`
+    does: every query over every video (+ text) key, ``scale`` or ``1/sqrt(D)``."""
+    token = _dense_kernel.set(fn)
+    try:
+        yield
+    finally:
+        _dense_kernel.reset(token)
+
+
 def dense_attention(q, k, v, text_k=None, text_v=None, scale=None):
-    """Full attention of every query over video (+ text) keys: the dense path."""
+    """Full attention of every query over video (+ text) keys: the dense path (torch SDPA,
+    or the kernel a :func:`dense_kernel` block set)."""
     if scale is None:
         scale = default_scale(q.shape[-1])
+    fn = _dense_kernel.get()
+    if fn is not None:
+        return fn(q, k, v, text_k, text_v, scale)
     if text_k is not None:
         k = torch.cat([k, text_k], dim=1)
         v = torch.cat([v, text_v], dim=1)

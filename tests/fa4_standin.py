@@ -3,7 +3,8 @@
 for query tile ``m`` the kernel runs the key tiles ``full_block_idx[b, h, m, :full_block_cnt]``
 unmasked and ``mask_block_idx[b, h, m, :mask_block_cnt]`` through ``mask_mod``; every other
 key tile is skipped; rows/keys past the sequence are masked; the LSE is natural-log
-``[B, H, Sq]``. The ``mask_mod`` here is the backend's torch twin of its CuTe function
+``[B, H, Sq]``; without ``block_sparse_tensors`` it is FA4's dense forward (every key).
+The ``mask_mod`` here is the backend's torch twin of its CuTe function
 (:func:`lvsa_cuda.fa4_backend.frame_mask_torch`), so the backend's tables and aux tensors
 are what decide the result. The fixture :func:`fake_fa4` installs it."""
 from typing import NamedTuple, Optional, Tuple
@@ -30,6 +31,10 @@ def flash_attn_func(q, k, v, softmax_scale=None, mask_mod=None, aux_tensors=None
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     bst = block_sparse_tensors
+    if bst is None:  # FA4's dense forward: no block sparsity, no mask, every key
+        assert mask_mod is None and aux_tensors is None
+        calls.append(dict(dense=True, q=tuple(q.shape), k=tuple(k.shape), scale=softmax_scale))
+        return _attend(q, k, v, torch.ones(B, H, Sq, Sk, dtype=torch.bool), softmax_scale, return_lse)
     tm, tn = bst.block_size
     M, N = -(-Sq // tm), -(-Sk // tn)
     for name, t, nd in (("mask_block_cnt", bst.mask_block_cnt, 3), ("mask_block_idx", bst.mask_block_idx, 4),
@@ -50,7 +55,11 @@ def flash_attn_func(q, k, v, softmax_scale=None, mask_mod=None, aux_tensors=None
                 for n in pick(bst.mask_block_idx)[:int(pick(bst.mask_block_cnt))].tolist():
                     cols = torch.arange(n * tn, min((n + 1) * tn, Sk))
                     allowed[b, h, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = mask_mod(rows, cols, aux_tensors)
-    rep = H // Hkv
+    return _attend(q, k, v, allowed, softmax_scale, return_lse)
+
+
+def _attend(q, k, v, allowed, softmax_scale, return_lse):
+    rep = q.shape[2] // k.shape[2]
     kk, vv = k.double().repeat_interleave(rep, 2), v.double().repeat_interleave(rep, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), kk) * softmax_scale
     s = s.masked_fill(~allowed, float("-inf"))
@@ -65,6 +74,7 @@ def fake_fa4(monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(fa, "kernel", lambda: (flash_attn_func, StandinBST, fa.frame_mask_torch))
+    monkeypatch.setattr(fa, "dense_func", lambda: flash_attn_func)
     monkeypatch.setattr(fa, "_import_error", lambda: None)
     monkeypatch.setattr(fa.FA4Backend, "missing_packages", lambda self: [])
     yield calls

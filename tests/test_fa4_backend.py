@@ -253,6 +253,37 @@ def test_fa4_conformance_on_the_standin(fake_fa4):
     assert results and not bad, "\n".join(bad)
 
 
+@pytest.mark.parametrize("B,Sq,Sk,H,Hkv,L,D,scale", [(2, 40, 40, 4, 2, 5, 16, None), (1, 17, 33, 2, 2, 0, 8, 0.3)])
+def test_dense_is_dense_attention_through_fa4s_dense_forward(fake_fa4, B, Sq, Sk, H, Hkv, L, D, scale):
+    """FA4's dense forward (the dense baseline of lvsa bench): FA4 called with no mask and
+    no block sparsity over the video + text keys; the same function as lvsa's dense path."""
+    from lvsa.ops import dense_attention
+
+    g = torch.Generator().manual_seed(Sq + L)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
+    q, k, v = r(B, Sq, H, D), r(B, Sk, Hkv, D), r(B, Sk, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    out = fa.FA4Backend().dense(q, k, v, tk, tv, scale)
+    (call,) = fake_fa4
+    assert call["dense"] and call["k"] == (B, Sk + L, Hkv, D)
+    assert call["scale"] == pytest.approx(scale or D ** -0.5)
+    want = dense_attention(q, k, v, tk, tv, scale)
+    assert out.shape == q.shape and torch.allclose(out, want, atol=2e-5)
+
+
+def test_dense_reasons_are_the_backends_own(monkeypatch):
+    """Where FA4's dense forward cannot run, the reasons are the fa4 backend's, word for word
+    (package, import, GPU architecture), whatever the frame layout."""
+    be = fa.FA4Backend()
+    monkeypatch.setattr(fa, "_import_error", lambda: None)
+    monkeypatch.setattr(be, "missing_packages", lambda: [])
+    assert be.dense_reasons(_problem(T=7, seq_len=9 * 1560 + 256)) == []   # not a multiple of T: no matter
+    arch = be.not_supported_reasons(_problem(compute_capability=(8, 0)))
+    assert be.dense_reasons(_problem(compute_capability=(8, 0))) == arch and "sm_80" in arch[0]
+    monkeypatch.setattr(be, "missing_packages", lambda: ["flash_attn"])
+    assert be.dense_reasons(_problem()) == be.not_supported_reasons(_problem()) == be.availability_reasons()
+
+
 # ------------------------------------------------------------ the real kernel (H200)
 def _real_fa4():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10):
@@ -286,6 +317,24 @@ def test_real_kernel_against_the_reference(D, H, Hkv, B, T, P, L, rows, dtype):
     atol, rtol = be.tolerance(dtype)
     err = (out.float() - want).abs().max().item()
     assert torch.allclose(out.float(), want, atol=atol, rtol=rtol), f"max abs error {err}"
+
+
+@pytest.mark.skipif(_real_fa4() is not None, reason=str(_real_fa4()))
+@pytest.mark.parametrize("D,H,Hkv,B,S,L,dtype", [(128, 12, 12, 1, 9 * 1560, 0, torch.bfloat16),
+                                                (128, 16, 16, 2, 7 * 1560, 256, torch.bfloat16),
+                                                (64, 8, 2, 2, 6 * 333, 7, torch.float16)])
+def test_real_kernel_dense_against_sdpa(D, H, Hkv, B, S, L, dtype):
+    """FA4's dense forward (lvsa bench's FA4 dense baseline) is full attention over video + text."""
+    from lvsa.ops import dense_attention
+
+    g = torch.Generator(device="cuda").manual_seed(S + D)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=dtype)  # noqa: E731
+    q, k, v = r(B, S, H, D), r(B, S, Hkv, D), r(B, S, Hkv, D)
+    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    out = fa.FA4Backend().dense(q, k, v, tk, tv)
+    want = dense_attention(*(None if t is None else t.float() for t in (q, k, v, tk, tv)))
+    atol, rtol = fa.FA4Backend().tolerance(dtype)
+    assert torch.allclose(out.float(), want, atol=atol, rtol=rtol), (out.float() - want).abs().max().item()
 
 
 # ------------------------------------------------------------ auto selection on the H200

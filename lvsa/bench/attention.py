@@ -2,12 +2,17 @@
 
 For each shape (Wan 1.3B T_lat 21/41/81/121, Wan 14B 81, HunyuanVideo 1.5 49/65 with and
 without 256 text tokens, batch 1 and 2; ``--quick``: tiny shapes that run on a CPU), in one
-process: dense SDPA (on CUDA the cuDNN and FlashAttention-2 kernels, each forced), then
-every lvsa backend that can run the problem (``reference``, ``flashinfer``, ``triton``,
-``flex``, ``ascend`` …). Each sparse output is checked against the reference (relative
-Frobenius error); the cold start (first call, compilation included), the effective
-TFLOP/s (attended blocks only) and, on CUDA, the attention memory beyond q, k, v and the
-output are recorded. ``ideal`` = best dense time x density (density counts text keys).
+process: the dense kernels of ``--dense`` (on CUDA SDPA's cuDNN and FlashAttention-2
+kernels, each forced, and with ``fa4`` FlashAttention-4's dense forward; elsewhere the
+default SDPA), then every lvsa backend that can run the problem (``reference``,
+``flashinfer``, ``triton``, ``flex``, ``ascend`` …). Every backend's output is checked
+against the reference (relative Frobenius error): when ``reference`` is not among the
+timed backends its output is computed once per shape, untimed, for the check only (the
+record's ``reference_check`` says which, or why no check was possible). The cold start
+(first call, compilation included), the effective TFLOP/s (attended blocks only) and, on
+CUDA, the attention memory beyond q, k, v and the output are recorded. ``ideal`` = the
+fastest dense kernel's time x density (density counts text keys; ``ideal_from`` names
+the kernel).
 
 Results: ``<out>/attention-<device>[-tag]-<stamp>.{json,md,png}``, written after every
 shape, so an interrupted run keeps what it measured. Times: median of ``--repeats``
@@ -16,7 +21,6 @@ timed calls after ``--warmup`` calls (device events on CUDA, wall clock elsewher
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -79,8 +83,10 @@ def add_arguments(p) -> None:
     a = p.add_argument_group("attention")
     a.add_argument("--shapes", nargs="*", help=f"shape names (default: all; --quick: the quick-* ones): "
                                                f"{', '.join(SHAPE_BY_NAME)}")
-    a.add_argument("--dense", nargs="*", default=["cudnn", "fa2"],
-                   help="dense SDPA kernels on CUDA (elsewhere: the default SDPA)")
+    a.add_argument("--dense", nargs="*", default=["cudnn", "fa2"], choices=DENSE_KINDS, metavar="KERNEL",
+                   help="dense kernels to time, the ideal being the fastest: cudnn, fa2 (SDPA's, forced; on "
+                        "CUDA, elsewhere the default SDPA runs) and fa4 (FlashAttention-4's dense forward, "
+                        "flash_attn.cute: Hopper/Blackwell)")
     a.add_argument("--flex-shapes", nargs="*", default=["all"],
                    help="shapes on which to run flex (each new shape compiles)")
     a.add_argument("--sweep-triton", nargs="*", default=[],
@@ -93,29 +99,7 @@ def add_arguments(p) -> None:
                    help="CUDA: first check small ragged problems (GQA, text, fp16, head_dim 64) vs float32")
 
 
-# ---------------------------------------------------------------------- timing
-def device_time_ms(fn, device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``iters`` calls after ``warmup`` (events on CUDA)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            common.synchronize(device)
-            t = time.perf_counter()
-            fn()
-            common.synchronize(device)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
+# ----------------------------------------------------------------- measuring
 def rel_err(out, ref) -> float:
     o = out.float()
     r = ref.float()
@@ -175,12 +159,39 @@ def make_inputs(s: Shape, dtype, device, seed=0):
     return q, k, v, tk, tv
 
 
+#: ``--dense`` kernels: SDPA's cuDNN and FlashAttention-2 (forced), FlashAttention-4's dense forward
+DENSE_KINDS = ("cudnn", "fa2", "fa4")
+
+
+class DenseUnavailable(Exception):
+    """A dense kernel that cannot run here; ``reasons`` say why."""
+
+    def __init__(self, reasons):
+        super().__init__("; ".join(reasons))
+        self.reasons = list(reasons)
+
+
+def dense_kinds(requested, device) -> List[str]:
+    """The dense kernels a run times on ``device``: ``--dense``'s SDPA kernels on CUDA (the
+    default SDPA elsewhere), then ``fa4`` when asked for (it says itself where it cannot run)."""
+    sdpa = [k_ for k_ in requested if k_ in ("cudnn", "fa2")] if device.type == "cuda" else ["sdpa"]
+    return sdpa + (["fa4"] if "fa4" in requested else [])
+
+
 def dense_fn(kind, q, k, v, tk, tv):
+    """A call of dense kernel ``kind`` (``sdpa``, ``cudnn``, ``fa2``, ``fa4``): every query
+    over the video and text keys (text appended to the keys before, not timed);
+    :class:`DenseUnavailable` when ``fa4`` cannot run here."""
     import torch.nn.functional as F
 
     if tk is not None:
         k = torch.cat([k, tk], 1)
         v = torch.cat([v, tv], 1)
+    if kind == "fa4":
+        fn, why = common.fa4_dense(q.device, q.dtype, q.shape[0], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+        if why:
+            raise DenseUnavailable(why)
+        return lambda: fn(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = kt.shape[1] != qt.shape[1]
     if kind == "sdpa":
@@ -196,10 +207,17 @@ def dense_fn(kind, q, k, v, tk, tv):
     return fn
 
 
-def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
+def bench_shape(s: Shape, backends, args, triton_configs, device, dtype, oracle=None):
+    """One shape: the dense kernels, then every backend of ``backends``, each output checked
+    against ``oracle`` (the reference backend; looked up when not given) — timed itself
+    when ``reference`` is among ``backends``, else run once, untimed, for the check."""
     from ..backend import Problem
     from ..schedule import plan_schedule
 
+    if oracle is None and "reference" not in backends:
+        from .. import plugins
+
+        oracle = plugins.backends().get("reference")
     mask = plan_schedule(s.T, W=3, n=1, reference=s.reference).mask(0)
     nnz = mask.nnz()
     density_video = nnz / s.T ** 2
@@ -227,20 +245,34 @@ def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
         print(f"  {s.name:18s} {name:22s} " + (f"{ms:9.2f} ms" if ms else r.get("error", "")) + extra,
               file=sys.stderr, flush=True)
 
-    kinds = [k_ for k_ in args.dense if k_ in ("cudnn", "fa2")] if device.type == "cuda" else ["sdpa"]
-    for kind in kinds:
+    for kind in dense_kinds(args.dense, device):
         try:
             fn = dense_fn(kind, q, k, v, tk, tv)
-            ms = device_time_ms(fn, device, args.warmup, args.repeats)
-            R[f"dense_{kind}"] = {"ms": ms, "tflops": 4.0 * s.S * (s.S + s.text) * s.D * s.heads
+            common.synchronize(device)
+            t0 = time.perf_counter()
+            first = fn()  # the cold start (FA4 compiles here), then warm-ups as for the backends
+            del first
+            common.synchronize(device)
+            cold = time.perf_counter() - t0
+            ms = common.device_time_ms(fn, device, args.warmup, args.repeats)
+            R[f"dense_{kind}"] = {"ms": ms, "cold_s": cold, "tflops": 4.0 * s.S * (s.S + s.text) * s.D * s.heads
                                   * s.batch / ms / 1e9}
+        except DenseUnavailable as e:
+            R[f"dense_{kind}"] = {"error": "refused: " + "; ".join(e.reasons)}
         except Exception as e:  # noqa: BLE001
             R[f"dense_{kind}"] = {"error": "OOM" if common.is_oom(e) else f"{type(e).__name__}: {e}"[:300]}
         log(f"dense_{kind}", R[f"dense_{kind}"])
         common.free_memory(device)
 
     problem = Problem.from_tensors(q, k, mask, tk)
+    # the output every backend's is checked against: the timed reference's, or (not timed)
+    # the reference computed once here, untimed, for the check only
+    check: Dict[str, Any] = {"mode": "timed" if "reference" in backends else "check only"}
+    rec["reference_check"] = check
     ref = None
+    if "reference" not in backends:
+        ref, check["error"] = reference_output(oracle, mask, problem, q, k, v, tk, tv, device)
+        common.free_memory(device)
     order = ["reference"] + [n for n in backends if n != "reference"]
     for name in [n for n in order if n in backends]:
         if name == "flex" and s.name not in args.flex_shapes and "all" not in args.flex_shapes:
@@ -249,6 +281,8 @@ def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
         reasons = _reasons(bk, problem)
         if reasons:
             R[name] = {"error": "refused: " + "; ".join(reasons)}
+            if name == "reference":
+                check["error"] = R[name]["error"]
             log(name, R[name])
             continue
         configs = [None]
@@ -275,6 +309,9 @@ def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
                 else:
                     if ref is not None:
                         r["rel_err"] = rel_err(out, ref)
+                    else:
+                        r["unchecked"] = (f"the reference{' (check only)' if check['mode'] == 'check only' else ''}"
+                                          f" did not run: {check.get('error') or 'no output'}")
                     del out
                 t1 = time.perf_counter()
                 handle = bk.plan(mask, problem)
@@ -283,14 +320,16 @@ def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
                 def fn():
                     return bk.run(handle, q, k, v, tk, tv, None)
 
-                r["ms"] = device_time_ms(fn, device, args.warmup, args.repeats)
+                r["ms"] = common.device_time_ms(fn, device, args.warmup, args.repeats)
                 if args.repeat_time:
-                    r["ms_repeat"] = device_time_ms(fn, device, 0, args.repeats)
+                    r["ms_repeat"] = common.device_time_ms(fn, device, 0, args.repeats)
                 r["tflops_eff"] = flops / r["ms"] / 1e9
                 r["extra_bytes"] = memory_probe(fn, out_bytes, device)
                 r["extra_mem_frac"] = None if r["extra_bytes"] is None else r["extra_bytes"] / qkvo
             except Exception as e:  # noqa: BLE001
                 r["error"] = "OOM" if common.is_oom(e) else f"{type(e).__name__}: {e}"[:400]
+                if name == "reference" and ref is None:
+                    check["error"] = r["error"]
             finally:
                 if cfg is not None:
                     os.environ.pop("LVSA_TRITON_CONFIG", None)
@@ -298,10 +337,41 @@ def bench_shape(s: Shape, backends, args, triton_configs, device, dtype):
             log(key, r)
         common.free_memory(device)
     del ref
-    dense = [R[k_]["ms"] for k_ in R if k_.startswith("dense_") and R[k_].get("ms")]
-    if dense:
-        rec["ideal_ms"] = min(dense) * density
+    set_ideal(rec)
     return rec
+
+
+def reference_output(oracle, mask, problem, q, k, v, tk, tv, device):
+    """``(output, None)`` of the reference backend ``oracle`` (one untimed call: the
+    output the others are checked against), or ``(None, why)``: refused, OOM, an error."""
+    if oracle is None:
+        return None, "the reference backend is not registered"
+    reasons = _reasons(oracle, problem)
+    if reasons:
+        return None, "refused: " + "; ".join(reasons)
+    try:
+        out = oracle.run(oracle.plan(mask, problem), q, k, v, tk, tv, None)
+        common.synchronize(device)
+        return out, None
+    except Exception as e:  # noqa: BLE001 - no check is a result too
+        return None, "OOM" if common.is_oom(e) else f"{type(e).__name__}: {e}"[:300]
+
+
+def fastest_dense(rec) -> Optional[str]:
+    """The record's fastest dense kernel (``dense_<kind>``; ``None``: no dense time)."""
+    dense = {k_: r["ms"] for k_, r in (rec.get("results") or {}).items() if k_.startswith("dense_") and r.get("ms")}
+    return min(dense, key=dense.get) if dense else None
+
+
+def set_ideal(rec) -> None:
+    """``rec["ideal_ms"]`` = the fastest dense kernel's time x density and
+    ``rec["ideal_from"]`` that kernel (``dense_<kind>``); both ``None`` without a dense time."""
+    best = fastest_dense(rec)
+    density = rec.get("density")
+    if best and density is not None:
+        rec["ideal_ms"], rec["ideal_from"] = rec["results"][best]["ms"] * density, best
+    else:
+        rec["ideal_ms"], rec["ideal_from"] = None, None
 
 
 def selfcheck(backends) -> list:  # CUDA only
@@ -353,7 +423,7 @@ def selfcheck(backends) -> list:  # CUDA only
 
 
 #: dense kernels of a record (``dense_<kind>``) and their column labels, in column order
-DENSE_LABELS = {"dense_cudnn": "cuDNN", "dense_fa2": "FA2", "dense_sdpa": "SDPA"}
+DENSE_LABELS = {"dense_cudnn": "cuDNN", "dense_fa2": "FA2", "dense_fa4": "FA4 dense", "dense_sdpa": "SDPA"}
 
 
 def is_backend(name: str) -> bool:
@@ -371,6 +441,55 @@ def summarize(rec):
     lvsa = {n: ms for n, ms in timed.items() if is_backend(n)}
     rec["best_backend"] = min(lvsa, key=lvsa.get) if lvsa else None
     return rec["ratios"]
+
+
+def _err_cell(r) -> str:
+    """A backend's error vs the reference: the relative error, ``n/c`` (not checked: the
+    reason is in the notes), or — (no output, or a file from before every run checked)."""
+    if "rel_err" in r:
+        return f"{r['rel_err']:.1e}"
+    return "n/c" if r.get("unchecked") else "—"
+
+
+def notes(records, ideal: bool = True) -> List[str]:
+    """Lines under the table: where the ideal came from (``ideal``), the dense kernels that
+    could not run and why, whether the reference was timed or only computed for the check,
+    and which outputs were not checked and why."""
+    out = []
+    if ideal:
+        ran = [DENSE_LABELS.get(k, k) for k in DENSE_LABELS if any(r["results"].get(k, {}).get("ms")
+                                                                   for r in records)]
+        src: Dict[str, List[str]] = {}
+        for rec in records:
+            best = fastest_dense(rec)
+            if best:
+                src.setdefault(DENSE_LABELS.get(best, best), []).append(rec["shape"])
+        if ran:
+            out.append(f"ideal = the fastest of the dense kernels run ({', '.join(ran)}) x density; it came from "
+                       + "; ".join(f"{k} ({'every shape' if len(v) == len(records) else ', '.join(v)})"
+                                   for k, v in src.items()) + ".")
+    why: Dict[tuple, List[str]] = {}
+    for rec in records:
+        for k_, r in rec["results"].items():
+            e = r.get("error") or ""
+            if k_.startswith("dense_") and e and e != "OOM":
+                why.setdefault((DENSE_LABELS.get(k_, k_), e[len("refused: "):] if e.startswith("refused: ") else e),
+                               []).append(rec["shape"])
+    for (label, e), shapes in why.items():
+        where = "every shape" if len(shapes) == len(records) else ", ".join(shapes)
+        out.append(f"{label} not run ({where}): {e}")
+    checks = [rec.get("reference_check") or {} for rec in records]
+    only = [rec["shape"] for rec, c in zip(records, checks) if c.get("mode") == "check only" and not c.get("error")
+            and not rec["results"].get("reference", {}).get("ms")]  # (a merged row may have an older timing)
+    if only:
+        where = "every shape" if len(only) == len(records) else ", ".join(only)
+        out.append(f"reference: check only ({where}): not timed; its output computed once per shape, untimed, "
+                   "for the err column, then freed.")
+    for rec in records:
+        left = [n for n, r in rec["results"].items() if r.get("unchecked")]
+        if left:
+            out.append(f"{rec['shape']}: {', '.join(left)} not checked (n/c): {rec['results'][left[0]]['unchecked']}")
+    return out
 
 
 def _cell(R, n):
@@ -399,7 +518,7 @@ def table(records, src=None) -> List[str]:
         ideal = rec.get("ideal_ms")
         timed = {n: R[n]["ms"] for n in names if R.get(n, {}).get("ms")}
         best = min(timed, key=timed.get) if timed else None
-        errs = " / ".join(f"{R[n]['rel_err']:.1e}" if "rel_err" in R.get(n, {}) else "—" for n in checked)
+        errs = " / ".join(_err_cell(R.get(n, {})) for n in checked)
         mem = " / ".join(f"{100 * R[n]['extra_mem_frac']:.2f}%" if R.get(n, {}).get("extra_mem_frac") is not None
                          else "—" for n in checked)
         density = rec.get("density")
@@ -427,9 +546,13 @@ def markdown(meta, records) -> str:
         f"{meta.get('repeats', meta.get('iters', '?'))} timed calls after {meta.get('warmup', '?')} warm-ups. "
         "ideal = best dense x density (density counts text keys); *backend*/ideal = ideal / its time "
         "(1.00: the best dense kernel's speed per attended FLOP); best = the fastest backend. "
-        "err = relative Frobenius error vs `reference`; mem+ = memory beyond q, k, v and the output.",
+        "err = relative Frobenius error vs `reference` (n/c: not checked, see below); mem+ = memory beyond "
+        "q, k, v and the output.",
         "",
     ] + table(records)
+    extra = notes(records)
+    if extra:
+        lines += [""] + [f"- {x}" for x in extra]
     lines += ["", "Effective TFLOP/s (attended blocks only) and cold starts:", "",
               "| shape | backend | ms | eff. TFLOP/s | cold start s | plan (warm) ms | persistent MiB |",
               "|---|---|---|---|---|---|---|"]
@@ -442,9 +565,9 @@ def markdown(meta, records) -> str:
                          f"| {(r.get('persistent_bytes') or 0) / 2**20:.1f} |")
     if meta.get("skipped"):
         lines += ["", "Skipped (time budget): " + ", ".join(meta["skipped"]) + "."]
-    notes = (meta.get("device_before") or {}).get("notes")
-    if notes:
-        lines += ["", "Device record notes: " + "; ".join(notes)]
+    dev_notes = (meta.get("device_before") or {}).get("notes")
+    if dev_notes:
+        lines += ["", "Device record notes: " + "; ".join(dev_notes)]
     return "\n".join(lines) + "\n"
 
 
@@ -505,6 +628,7 @@ def main(args) -> int:
     from .. import plugins
 
     backends = load_backends(args.backends or sorted(plugins.backends()))
+    oracle = plugins.backends().get("reference")  # checks every output, timed or not
     base = common.out_base(args.out, "attention", meta["device_before"], args.tag)
     records = []
     if args.selfcheck:
@@ -523,7 +647,7 @@ def main(args) -> int:
             bar.set(name)
             t0 = time.perf_counter()
             try:
-                rec = bench_shape(s, backends, args, triton_configs, device, dtype)
+                rec = bench_shape(s, backends, args, triton_configs, device, dtype, oracle)
             except Exception as e:  # noqa: BLE001 - the inputs themselves did not fit
                 rec = {"shape": s.name, "model": s.model, "T": s.T, "batch": s.batch, "text": s.text,
                        "heads": s.heads, "density": float("nan"),

@@ -143,9 +143,58 @@ def run_meta(prog: str, argv: Optional[Sequence[str]], device) -> Dict[str, Any]
             "device": str(device), "device_before": device_state(device)}
 
 
+# ----------------------------------------------------------- FA4 dense kernel
+#: why FlashAttention-4's dense forward cannot run where lvsa-cuda (which holds the fa4 backend) is absent
+NO_FA4_BACKEND = ("the fa4 backend is not installed (pip install lvsa-cuda[fa4]: FlashAttention-4's kernels "
+                  "come with it)")
+
+
+def fa4_dense(device, dtype, batch: int, keys: int, heads: int, kv_heads: int, head_dim: int
+              ) -> Tuple[Optional[Callable], List[str]]:
+    """FlashAttention-4's dense forward for dense calls over ``keys`` keys (text keys among
+    them) as ``(fn, [])`` — ``fn(q, k, v, text_k=None, text_v=None,
+    scale=None)`` on ``[B, S, H, D]`` tensors, the ``fa4`` backend's :meth:`dense` — or
+    ``(None, reasons)``: the fa4 backend's own reasons why it cannot run here (FA4 not
+    installed or not importable, not a Hopper/Blackwell GPU, ...)."""
+    from .. import plugins
+    from ..backend import Problem
+
+    bk = plugins.backends().get("fa4")
+    if bk is None or not all(callable(getattr(bk, m, None)) for m in ("dense", "dense_reasons")):
+        return None, [NO_FA4_BACKEND]
+    dev = torch.device(device)
+    cc = devices.compute_capability(dev) if dev.type == "cuda" else None
+    problem = Problem(device_kind=dev.type, dtype=dtype, batch=batch, seq_len=keys, num_heads=heads,
+                      num_kv_heads=kv_heads, head_dim=head_dim, compute_capability=cc, device=dev)
+    why = list(bk.dense_reasons(problem))
+    return (None, why) if why else (bk.dense, [])
+
+
 # ---------------------------------------------------------------------- timing
 def synchronize(device) -> None:
     devices.synchronize(device)
+
+
+def device_time_ms(fn, device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls after ``warmup`` (events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            synchronize(device)
+            t = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
 
 
 def _event_module(device: torch.device):

@@ -8,8 +8,10 @@ as with classifier-free guidance batched), one transformer forward is timed for:
 * ``diffusers`` — diffusers' own attention processors, as a user gets them (for
   HunyuanVideo 1.5 that path attends with an S x S padding mask);
 * ``dense`` — the *best dense* baseline: lvsa's processor at full density (no S x S mask,
-  valid text keys merged) on the fastest dense SDPA kernel of the card (probed per row:
-  cuDNN or FlashAttention);
+  valid text keys merged) on the fastest dense kernel of the card, probed per row: SDPA's
+  cuDNN or FlashAttention, or FlashAttention-4's dense forward where the ``fa4`` backend
+  can run (the record's ``dense_kernel``; ``dense_kernels_ms`` has every candidate's time
+  or why it was not one);
 * one row per lvsa backend (``flashinfer``, ``triton``, ``reference``, ``ascend`` … every
   backend that can run the problem, or ``--backends``).
 
@@ -181,49 +183,86 @@ def time_self_attention(timer: common.RegionTimer, video_tokens: int, engine=Non
 
 # --------------------------------------------------------------- dense kernels
 def probe_dense_kernels(spec: ModelSpec, T: int, batch: int, device, dtype) -> Dict[str, Any]:
-    """Time one dense self-attention call of this row's shape on each fast SDPA kernel
-    (CUDA: cuDNN, FlashAttention) and return the priority list, fastest first."""
+    """Time one dense self-attention call of this row's shape (``[B, S, H, D]`` tensors,
+    as lvsa's processor passes them) on each fast dense kernel: SDPA's cuDNN and
+    FlashAttention on CUDA, and FlashAttention-4's dense forward wherever the ``fa4``
+    backend says it can run. Returns ``ms`` (each kernel's time, or why it did not run:
+    ``n/a: <the fa4 backend's reasons>``, an error), ``fastest`` (``cudnn``, ``flash`` or
+    ``fa4``; ``None`` when nothing was timed), ``order`` (SDPA's kernels, fastest first, for
+    every SDPA call of the row) and ``fa4`` (FA4's dense function when it is the fastest:
+    lvsa's dense calls then run through it, :func:`dense_kernel`)."""
     dev = torch.device(device)
-    if dev.type != "cuda":
-        return {"order": None, "ms": {}}
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    import torch.nn.functional as F
-
     S = T * spec.tokens_per_frame + spec.joint_text_tokens
     H, D = spec.heads, spec.head_dim
-    q = torch.randn(batch, H, S, D, device=dev, dtype=dtype)
+    fa4, why = common.fa4_dense(dev, dtype, batch, S, H, H, D)
+    ms: Dict[str, Any] = {} if fa4 is not None else {"fa4": "n/a: " + "; ".join(why)}
+    sdpa = dev.type == "cuda"
+    if not sdpa and fa4 is None:
+        return {"order": None, "fastest": None, "ms": ms, "fa4": None}
+    q = torch.randn(batch, S, H, D, device=dev, dtype=dtype)
     k, v = torch.randn_like(q), torch.randn_like(q)
-    ms: Dict[str, Any] = {}
-    for name, kind in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+    calls = {}
+    if sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch.nn.functional as F
+
+        kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+        def sdpa_call(kind):
+            def call():
+                with sdpa_kernel(kind):
+                    return F.scaled_dot_product_attention(qt, kt, vt)
+            return call
+
+        calls = {n: sdpa_call(kind) for n, kind in kinds.items()}
+    if fa4 is not None:
+        calls["fa4"] = lambda: fa4(q, k, v)
+    for name, call in calls.items():
         try:
-            with sdpa_kernel(kind):
-                F.scaled_dot_product_attention(q, k, v)
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                F.scaled_dot_product_attention(q, k, v)
-                e.record()
-                e.synchronize()
-                ms[name] = s.elapsed_time(e)
+            ms[name] = common.device_time_ms(call, dev, 1, 1)
         except Exception as ex:  # noqa: BLE001 - a kernel this card/shape lacks
             ms[name] = f"{type(ex).__name__}: {str(ex)[:120]}"
-    del q, k, v
+    del q, k, v, calls
     common.free_memory(dev)
-    timed = sorted((t, n) for n, t in ms.items() if isinstance(t, float))
+    fastest, order = choose_dense(ms, sdpa)
+    return {"order": order, "fastest": fastest, "ms": ms, "fa4": fa4 if fastest == "fa4" else None}
+
+
+def choose_dense(ms: Dict[str, Any], sdpa: bool = True):
+    """``(fastest, order)`` from the probe's times ``ms`` (a kernel's milliseconds, or a
+    string: why it did not run): the fastest timed kernel (``None``: none was timed) and,
+    with ``sdpa``, SDPA's priority list: its timed kernels fastest first, then the others."""
+    timed = sorted((t, n) for n, t in ms.items() if isinstance(t, (int, float)) and not isinstance(t, bool))
+    fastest = timed[0][1] if timed else None
+    if not sdpa:
+        return fastest, None
+    from torch.nn.attention import SDPBackend
+
     kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-    order = [kinds[n] for _, n in timed]
-    order += [k for k in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.MATH) if k not in order]
-    return {"order": order, "fastest": timed[0][1] if timed else None, "ms": ms}
+    order = [kinds[n] for _, n in timed if n in kinds]
+    order += [k_ for k_ in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k_ not in order]
+    return fastest, order
 
 
 @contextlib.contextmanager
-def dense_kernel(order):
-    if not order:
-        yield
-        return
-    from torch.nn.attention import sdpa_kernel
+def dense_kernel(probe: Optional[Dict[str, Any]]):
+    """The kernels of the *best dense* row (``probe``: :func:`probe_dense_kernels`):
+    SDPA's kernels in ``order`` and, when FlashAttention-4's dense forward was the fastest,
+    lvsa's dense calls routed to it (:func:`lvsa.ops.dense_kernel`: the full-density path
+    of the engine; the processors' other SDPA calls, e.g. HunyuanVideo's text queries,
+    keep SDPA's fastest kernel)."""
+    from .. import ops
 
-    with sdpa_kernel(order, set_priority=True):
+    probe = probe or {}
+    with contextlib.ExitStack() as stack:
+        if probe.get("order"):
+            from torch.nn.attention import sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(probe["order"], set_priority=True))
+        if probe.get("fa4") is not None:
+            stack.enter_context(ops.dense_kernel(probe["fa4"]))
         yield
 
 
@@ -324,7 +363,7 @@ def _nccl_time_s(prof) -> float:
     return total / 1e6
 
 
-def run_variant(ctx: Context, variant: str, T: int, inputs, kernel_order, cp: Optional[str] = None,
+def run_variant(ctx: Context, variant: str, T: int, inputs, dense, cp: Optional[str] = None,
                 diffusers_cp: bool = False) -> Dict[str, Any]:
     """Warm up (one block), then time full forwards; never raises (OOM and errors are results)."""
     args = ctx.args
@@ -336,7 +375,7 @@ def run_variant(ctx: Context, variant: str, T: int, inputs, kernel_order, cp: Op
     local_tokens = video_tokens // ctx.world if (cp or diffusers_cp) and ctx.world > 1 else video_tokens
     try:
         with installed(ctx, variant, T, cp, diffusers_cp) as engine, \
-                dense_kernel(kernel_order if variant == "dense" else None):
+                dense_kernel(dense if variant == "dense" else None):
             t0 = time.perf_counter()
             compiled_before = dispatch.compile_times()
             with time_self_attention(timer, local_tokens, engine), one_block(ctx.tr, ctx.spec):
@@ -562,6 +601,7 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
         lines += ["", "Not available:"] + [f"- {x}" for x in na]
     if errs:
         lines += ["", "Errors:"] + [f"- {rec['title']} T{rec['T']} B{rec['batch']} {n}: {e}" for rec, n, e in errs]
+    lines += dense_kernel_lines(records)
     refused = {(rec["title"], n): "; ".join(w) for rec in records for n, w in rec.get("refused", {}).items()}
     if refused:
         lines += ["", "Backends not run:"] + [f"- {m} {n}: {w}" for (m, n), w in refused.items()]
@@ -579,6 +619,36 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     if notes:
         lines += ["", "Device record notes: " + "; ".join(notes)]
     return "\n".join(lines) + "\n"
+
+
+#: names of the dense kernels of the probe (``rec["dense_kernel"]``)
+DENSE_KERNEL_NAMES = {"cudnn": "cuDNN (SDPA)", "flash": "FlashAttention (SDPA)", "fa4": "FlashAttention-4 dense"}
+
+
+def dense_kernel_lines(records: List[Dict[str, Any]]) -> List[str]:
+    """Which dense kernel the *best dense* row of each record ran on and the probe's times
+    (every candidate, or why it was not one)."""
+    rows, why = [], {}
+    for rec in records:
+        ms = rec.get("dense_kernels_ms") or {}
+        timed = sorted((t, n) for n, t in ms.items() if isinstance(t, (int, float)))
+        for n, t in ms.items():
+            if isinstance(t, str):
+                why.setdefault(f"{n}: {t[5:] if t.startswith('n/a: ') else t}", []).append(
+                    f"{rec['title']} T{rec['T']} B{rec['batch']}")
+        if rec.get("dense_kernel") or timed:
+            best = rec.get("dense_kernel")
+            rows.append(f"- {rec['title']} T{rec['T']} B{rec['batch']}: "
+                        f"{DENSE_KERNEL_NAMES.get(best, best or 'none timed')} ("
+                        + ", ".join(f"{n} {t:.2f} ms" for t, n in timed) + ")")
+    if not rows and not why:
+        return []
+    out = ["", "Best dense kernel per row (`dense` ran on the fastest of one timed dense self-attention call "
+               "per kernel):" if rows else "Best dense kernel: none was timed, `dense` ran on the default SDPA:"]
+    out += rows
+    every = len(records)
+    out += [f"- not a candidate ({'every row' if len(v) == every else '; '.join(v)}): {k}" for k, v in why.items()]
+    return out
 
 
 def plot(base: str, records: List[Dict[str, Any]]) -> List[str]:
@@ -799,7 +869,7 @@ def _run(args, dist_info, device, dtype) -> int:
                         rec["variants"][v] = {"variant": v, "error": "n/a: diffusers 0.42 has no context-parallel "
                                               f"plan for {spec.class_name}"}
                     else:
-                        rec["variants"][v] = run_variant(ctx, v, T, inputs, probe["order"],
+                        rec["variants"][v] = run_variant(ctx, v, T, inputs, probe,
                                                          cp=cp if v != "diffusers" else None,
                                                          diffusers_cp=bool(dist_info) and v == "diffusers")
                     r = rec["variants"][v]
@@ -809,7 +879,7 @@ def _run(args, dist_info, device, dtype) -> int:
                     bar.update(1)
                 bar.update(max(0, n_variants - len(variants)))
                 if dist_info:
-                    _single_gpu(rec, single, ctx, T, inputs, run, probe["order"])
+                    _single_gpu(rec, single, ctx, T, inputs, run, probe)
                 summarize_row(rec)
                 d = rec["variants"].get("dense", {})
                 if not d.get("time_s") and spec.family != "hunyuan":  # diffusers' own: a dense cost too
@@ -866,7 +936,7 @@ def _new_record(spec: ModelSpec, T: int, b: int, dist_info, wdir: Optional[str] 
     return rec
 
 
-def _single_gpu(rec: Dict[str, Any], single, ctx: Context, T: int, inputs, run: List[str], kernel_order) -> None:
+def _single_gpu(rec: Dict[str, Any], single, ctx: Context, T: int, inputs, run: List[str], dense) -> None:
     """``rec["single_gpu"]``: every 1-GPU time the ``--single-gpu-results`` files have for
     this row (newest file per variant: diffusers' own, the best dense, backends), and the
     lvsa backends they lack timed on rank 0 alone; ``rec["single_gpu_from"]`` says which
@@ -876,12 +946,12 @@ def _single_gpu(rec: Dict[str, Any], single, ctx: Context, T: int, inputs, run: 
     origin = {n: src.rel for n, (_, src) in have.items()}
     missing = [v for v in run if rec["variants"].get(v, {}).get("time_s") and v not in times]
     if _agree(ctx, bool(missing)):  # every rank takes part (rank 0 times, the others wait)
-        for n, t in _single_gpu_times(ctx, T, inputs, missing, kernel_order).items():
+        for n, t in _single_gpu_times(ctx, T, inputs, missing, dense).items():
             times[n], origin[n] = t, row_merge.RANK0
     rec["single_gpu"], rec["single_gpu_from"] = times, origin
 
 
-def _single_gpu_times(ctx: Context, T: int, inputs, variants: List[str], kernel_order) -> Dict[str, float]:
+def _single_gpu_times(ctx: Context, T: int, inputs, variants: List[str], dense) -> Dict[str, float]:
     """Rank 0 times ``variants`` on its GPU alone (no context parallelism) while the other
     ranks wait; every rank gets the times (the 1-GPU baseline of the speedup)."""
     import torch.distributed as dist
@@ -890,7 +960,7 @@ def _single_gpu_times(ctx: Context, T: int, inputs, variants: List[str], kernel_
     if ctx.dist.rank == 0:
         solo = Context(ctx.spec, ctx.tr, ctx.device, ctx.dtype, ctx.args, None)
         for v in variants:
-            r = run_variant(solo, v, T, inputs, kernel_order)
+            r = run_variant(solo, v, T, inputs, dense)
             if r.get("time_s"):
                 times[v] = r["time_s"]
     box = [times]

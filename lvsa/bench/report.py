@@ -201,12 +201,25 @@ def _model_table(records: List[Dict[str, Any]], skipped: List[str], src: bool = 
                    + (f" {_src(rec, ['diffusers', 'dense', b])} |" if src else ""))
     if fallback:
         out += ["", FALLBACK_NOTE]
+    out += _fa4_dense_note(records)
     saved = [f"{rec['title']} T{rec['T']} B{rec['batch']}" for rec in records if rec.get("dense_oom_lvsa_not")]
     if saved:
         out += ["", "Dense ran out of memory where lvsa did not: " + "; ".join(saved) + "."]
     if skipped:
         out += ["", "Not measured (time budget): " + "; ".join(skipped) + "."]
     return out
+
+
+def _fa4_dense_note(records: List[Dict[str, Any]]) -> List[str]:
+    """Rows whose *best dense* ran on FlashAttention-4's dense forward (the probe's fastest
+    kernel) rather than on SDPA's (cuDNN or FlashAttention), said under the table."""
+    rows_ = [f"{r['title']} T{r['T']} B{r['batch']}" for r in records if r.get("dense_kernel") == "fa4"]
+    if not rows_:
+        return []
+    where = ("every row" if len(rows_) == len(records) else
+             "; ".join(rows_) + " (elsewhere on SDPA's fastest kernel)")
+    return ["", f"*best dense* ran on FlashAttention-4's dense forward (faster than SDPA's kernels in the probe): "
+                f"{where}."]
 
 
 def _multi_gpu_table(records: List[Dict[str, Any]], skipped: List[str], src: bool = False) -> List[str]:
@@ -248,6 +261,7 @@ def _multi_gpu_table(records: List[Dict[str, Any]], skipped: List[str], src: boo
                        + (f" {_src(rec, ['diffusers', 'dense', b], ['diffusers', 'dense', b])} |" if src else ""))
     if fallback:
         out += ["", FALLBACK_NOTE]
+    out += _fa4_dense_note(records)
     origins = _single_gpu_origins(records, src)
     if origins:
         out += ["", "1-GPU times: " + "; ".join(origins) + "."]
@@ -274,13 +288,16 @@ def _single_gpu_origins(records: List[Dict[str, Any]], src: bool) -> List[str]:
 
 
 def _attention_table(records: List[Dict[str, Any]], src: bool = False) -> List[str]:
-    from .attention import table
+    from .attention import notes, table
 
     intro = ["One attention call per backend; *ideal* = best dense time x density (density counts text "
              "keys); *backend*/ideal = ideal / its time (1.00: the best dense kernel's speed per attended "
              "FLOP); *best* = the fastest backend; *err* = relative error vs the reference; *mem+* = memory "
              "beyond q, k, v and the output.", ""]
-    return intro + table(records, (lambda rec, names: _src(rec, names)) if src else None)
+    # where the ideal came from is said once a dense kernel beyond SDPA's (FA4's) is in the table
+    extra = notes(records, ideal=any("dense_fa4" in r.get("results", {}) for r in records))
+    return (intro + table(records, (lambda rec, names: _src(rec, names)) if src else None)
+            + ([""] + [f"- {x}" for x in extra] if extra else []))
 
 
 def replace_section(text: str, new: str, readme: str, start: str = START, end: str = END) -> str:

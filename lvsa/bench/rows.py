@@ -38,7 +38,7 @@ _DERIVED_VARIANT = ("speedup_vs_dense", "speedup_vs_diffusers", "of_ceiling", "m
 #: record fields a newer file does not simply overwrite (merged, or derived)
 _MERGED_FIELDS = ("variants", "single_gpu", "single_gpu_from", "refused", "dense_kernel", "dense_kernels_ms",
                   "ceiling_s", "ceiling_speedup", "dense_attention_share", "best_backend", "dense_oom_lvsa_not",
-                  "dense_baseline", "results", "ideal_ms", "ratios")
+                  "dense_baseline", "results", "ideal_ms", "ideal_from", "ratios")
 #: the 1-GPU origin of a record written before ``single_gpu_from`` existed
 RANK0 = "rank 0"
 
@@ -266,8 +266,9 @@ def merge(sources: Sequence[Source]) -> Tuple[List[Dict[str, Any]], List[str]]:
         if "variants" in m:
             summarize_row(m)
         else:
-            dense = [r["ms"] for k, r in m["results"].items() if k.startswith("dense_") and r.get("ms")]
-            m["ideal_ms"] = min(dense) * m["density"] if dense and m.get("density") is not None else None
+            from .attention import set_ideal
+
+            set_ideal(m)
     return out, notes
 
 
@@ -280,6 +281,7 @@ def _merge_variants(m: Dict[str, Any], rec: Dict[str, Any], s: Source) -> None:
             # an attention run without the reference checked nothing: the older check of the
             # same backend at the same shape stands (``_err_from`` names its file)
             m[field][name]["rel_err"] = old["rel_err"]
+            m[field][name].pop("unchecked", None)
             m.setdefault("_err_from", {})[name] = m.get("_err_from", {}).get(name, m["_from"][name])
         else:
             m.get("_err_from", {}).pop(name, None)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -168,6 +168,14 @@ def kernel():
     return flash_attn_func, BlockSparseTensorsTorch, mask_mod()
 
 
+def dense_func():
+    """FA4's ``flash_attn_func`` for a dense call: no mask, no block sparsity (a test
+    replaces this with the CPU stand-in)."""
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func
+
+
 def _import_error() -> Optional[str]:
     return import_error("flash_attn.cute")
 
@@ -249,6 +257,26 @@ class FA4Backend(CudaBackend):
             have = f"sm_{cc[0]}{cc[1]}" if cc else "of unknown compute capability"
             yield (f"FA4's block-sparse forward runs on Hopper (sm_90) and Blackwell (sm_100), this GPU is "
                    f"{have}: flashinfer and triton are the fast backends there")
+
+    def dense_reasons(self, problem) -> List[str]:
+        """Why FA4's *dense* forward (:meth:`dense`) cannot run ``problem`` (every query over
+        all ``seq_len`` keys, text already among them): this backend's own reasons, the
+        same text (package, import, device, dtype, head dim, GPU architecture)."""
+        return self.not_supported_reasons(replace(problem, T=1, P=problem.seq_len, text_len=0, q_rows=None))
+
+    def dense(self, q, k, v, text_k=None, text_v=None, scale=None):
+        """FlashAttention-4's dense forward: every query of ``q`` ``[B, Sq, H, D]`` over every
+        key of ``k``/``v`` ``[B, Sk, Hkv, D]`` (+ ``text_k``/``text_v`` appended; GQA), no
+        mask and no block sparsity; ``scale`` default ``1/sqrt(D)``. The same function as
+        :func:`lvsa.ops.dense_attention`: the dense baseline ``lvsa bench`` compares with
+        (``--dense fa4``; the best dense of ``bench model`` when it is the fastest)."""
+        if text_k is not None and text_k.shape[1]:
+            k = torch.cat([k, text_k], 1)
+            v = torch.cat([v, text_v], 1)
+        scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+        with device_guard(q.device):
+            res = dense_func()(q, k, v, softmax_scale=scale)
+        return res[0] if isinstance(res, tuple) else res   # (out, lse): lse is None here
 
     def tile_for(self, problem) -> Tuple[int, int]:
         """The tables' tile: FA4's SM100 forward computes two 128-row query tiles per CTA
