@@ -15,8 +15,9 @@
 # and the plots are deleted before the call ends (the JSON and Markdown come back).
 # When run_cp_fa4_x2.sh ran just before on the same warm machine, FlashAttention-4 is in
 # .gpu-site/ and fa4 joins the transformer check and the model rows. Stage `ref` (a third call,
-# same machine) runs only row 2: the main stage fills the 600-s call with fa4 in it.
-#   device run --kind nvidia-h200-x2 --carry .whl .gpu: bash benchmarks/run_bench_h200x2_next.sh [TAG] [main|ref]
+# same machine) runs only row 2: the main stage fills the 600-s call with fa4 in it. Stage `rest`
+# (needs fa4): fa4 at T_lat 81 batch 1 and 2 and T_lat 121 batch 1, the reference at T_lat 81 batch 2.
+#   device run --kind nvidia-h200-x2 --carry .whl .gpu: bash benchmarks/run_bench_h200x2_next.sh [TAG] [main|ref|rest]
 set -uo pipefail
 tag=${1:-x2rows2}
 stage=${2:-main}
@@ -40,9 +41,17 @@ if [ "$stage" = main ]; then
   l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
     --tag "$tag-b2" --no-progress --models wan2.1-14b:121@2 --baselines diffusers --backends $fa4 flashinfer triton \
     --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
-else
+elif [ "$stage" = ref ]; then
   l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
     --tag "$tag-ref" --no-progress --models wan2.1-14b:121@2 wan2.1-14b:81@1 --baselines none --backends reference \
+    --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
+else  # rest: the cells the 11-30 calls left (fa4 at T_lat 81 b1/b2 and 121 b1; the reference at 81 b2)
+  [ -n "$fa4" ] || { echo "[run] stage rest needs fa4: run run_cp_fa4_x2.sh first on this machine" | tee -a "$out/bench-$tag.log"; exit 2; }
+  timeout -s INT 330 python3 -m lvsa bench model --world-size 2 --out "$out" --tag "$tag-fa4" --no-progress \
+    --models wan2.1-14b:81@1,2 wan2.1-14b:121@1 --baselines none --backends fa4 \
+    --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
+  l=$(left); timeout -s INT $(( l > 20 ? l : 20 )) python3 -m lvsa bench model --world-size 2 --out "$out" \
+    --tag "$tag-ref81" --no-progress --models wan2.1-14b:81@2 --baselines none --backends reference \
     --warmup 1 --repeats 1 --budget-s 999 2>&1 | filter
 fi
 rm -f "$out"/*.png "$out"/prewarm-*
