@@ -142,6 +142,19 @@ def _collective_error(e: BaseException, what: str) -> BaseException:
                                 f"{text.splitlines()[0] if text else ''}")
 
 
+def _dim(dim: int, t: torch.Tensor, what: str) -> int:
+    """``dim`` of ``t`` as a non-negative index, the way torch reads it (``-1`` = the last);
+    an out-of-range ``dim`` raises before any collective, on every rank alike."""
+    n = t.dim()
+    if n == 0:
+        raise ValueError(f"context parallel {what}: a 0-d tensor has no dimension to {what} along; "
+                         "pass a tensor of at least one dimension")
+    if not -n <= dim < n:
+        raise IndexError(f"context parallel {what}: dim {dim} is out of range for a {n}-D tensor of shape "
+                         f"{tuple(t.shape)} (expected {-n} ... {n - 1})")
+    return dim % n
+
+
 @contextlib.contextmanager
 def distributed(device_kind: Optional[str] = None, config=None) -> Iterator[DistInfo]:
     """Set up ``torch.distributed`` for a ``torchrun`` launch; always tear it down.
@@ -302,10 +315,16 @@ class ContextParallel:
     # released as soon as they are packed. At Wan 14B's T_lat 121, batch 2, on 2 GPUs one
     # [B, S, H/w, D] bf16 tensor is 1.93 GB: each avoided copy is that much peak memory.
 
+    # Shapes are the collectives' contract: every rank passes the same shape. ``dim`` may be
+    # negative (as in torch). A tensor with no elements (batch 0, an empty sequence) gives
+    # the empty result of the right shape with no communication: all ranks, holding the
+    # same shape, skip alike, and there is nothing to exchange.
+
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's chunk of ``t`` along ``dim``: a view, no copy (the whole tensor stays
         alive in the caller anyway; a contiguous copy would only add one shard of memory
         whenever dims before ``dim`` are > 1, e.g. batch 2), no communication."""
+        dim = _dim(dim, t, "split")
         self.check_split(t.shape[dim])
         return t.chunk(self.world_size, dim=dim)[self.rank]
 
@@ -316,14 +335,17 @@ class ContextParallel:
         slices (batch 2), each slice is gathered straight into its place of the result
         (one collective per slice) rather than into a buffer reordered by a full copy."""
         w = self.world_size
+        dim = _dim(dim, t, "all_gather")
+        shape = tuple(t.shape)
+        out_shape = shape[:dim] + (w * shape[dim],) + shape[dim + 1:]
+        if t.numel() == 0:
+            return t.new_empty(out_shape)
         t = t.contiguous()
         dist = _dist()
         fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
-        shape = tuple(t.shape)
         lead = 1
         for n in shape[:dim]:
             lead *= n
-        out_shape = shape[:dim] + (w * shape[dim],) + shape[dim + 1:]
         if lead <= self.MAX_GATHER_SLICES:
             out = torch.empty(out_shape, dtype=t.dtype, device=t.device)
             dst, src = out.view(lead, -1), t.view(lead, -1)
@@ -345,6 +367,8 @@ class ContextParallel:
         the result is allocated. Either way no more than two buffers live at once."""
         send = box.pop()
         recv = torch.empty_like(send)
+        if send.numel() == 0:  # nothing to exchange (see the note above split)
+            return recv.permute(*unpacked).contiguous()
         self._run("all_to_all", _dist().all_to_all_single, recv, send, group=self.group)
         view = recv.permute(*unpacked)
         if view.is_contiguous():  # e.g. one tensor of batch 1: already in place
@@ -355,6 +379,18 @@ class ContextParallel:
             del send
             out = torch.empty(view.shape, dtype=recv.dtype, device=recv.device)
         return out.copy_(view)
+
+    def _bshd(self, t: torch.Tensor, what: str, heads: bool = False) -> Tuple[int, int, int, int]:
+        """``t``'s ``[B, S, H, D]`` sizes; with ``heads``, ``H`` must divide by the world size."""
+        if t.dim() != 4:
+            raise ValueError(f"context parallel {what}: expected a [batch, tokens, heads, head_dim] tensor, "
+                             f"got shape {tuple(t.shape)}")
+        B, S, H, D = t.shape
+        if heads and H % self.world_size:
+            raise ContextParallelError(
+                f"context parallel {what}: {H} heads do not divide by {self.world_size} ranks; "
+                "use context_parallel='sequence' (or 'auto') for this layer")
+        return B, S, H, D
 
     def seq_to_heads(self, t: torch.Tensor) -> torch.Tensor:
         """``[B, S/w, H, D]`` (local tokens, all heads) → ``[B, S, H/w, D]`` (all tokens, local heads)."""
@@ -377,7 +413,7 @@ class ContextParallel:
         if len(ts) > 1 and not all(t.shape == ts[0].shape and t.dtype == ts[0].dtype for t in ts):
             return [self.take_seq_to_heads([ts.pop(0)])[0] for _ in range(len(ts))]
         n = len(ts)
-        B, s, H, D = ts[0].shape
+        B, s, H, D = self._bshd(ts[0], "seq_to_heads", heads=True)
         w, h = self.world_size, H // self.world_size
         send = torch.empty((w, n, B, s, h, D), dtype=ts[0].dtype, device=ts[0].device)
         for i in range(n):
@@ -394,8 +430,9 @@ class ContextParallel:
         attention output handed over is dropped once packed). Peak: send + receive buffer,
         plus the input where the caller keeps it."""
         (t,) = ts
+        B, S, h, D = self._bshd(t, "heads_to_seq")
+        self.check_split(S)
         ts.clear()
-        B, S, h, D = t.shape
         w = self.world_size
         send = t.reshape(B, w, S // w, h, D).permute(1, 0, 2, 3, 4).contiguous()
         own = send.data_ptr() != t.data_ptr()  # packed by a copy (batch > 1), else a view of t

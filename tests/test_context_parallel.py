@@ -4,6 +4,7 @@ Every rank's result must equal the single-process lvsa result: bit for bit where
 arithmetic is the same per row/head (reference backend, float32), within a float32
 tolerance through a whole transformer otherwise.
 """
+import math
 import os
 import sys
 import time
@@ -233,6 +234,66 @@ def test_diffusers_ulysses_anything_hands_off_with_the_fallback_line(wan):
         assert reasons == ["context_parallel"] and summary["sparse_calls"] == 0
         torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)  # diffusers' own (dense) CP ran
     assert "reason=context_parallel" in res[0].stderr
+
+
+# ------------------------------------------- the collectives: negative dims, empty tensors
+def _edge_case(rank, world, max_slices):
+    from lvsa.errors import ContextParallelError
+    from lvsa.parallel import ContextParallel
+
+    cp = ContextParallel(mode="ulysses")
+    cp.MAX_GATHER_SLICES = max_slices  # 0: always the one collective along dim 0 and the reorder
+
+    def mine(r, shape, dtype=torch.float32):  # what rank r holds: different on every rank
+        return (torch.arange(math.prod(shape), dtype=torch.float64).view(shape) + 1000 * r).to(dtype)
+
+    shape = (2, 3, 4, 5)
+    for dim in range(-4, 4):  # negative dims as torch reads them, on both gather paths
+        got = cp.all_gather(mine(rank, shape), dim)
+        assert torch.equal(got, torch.cat([mine(r, shape) for r in range(world)], dim)), dim
+        assert got.is_contiguous()
+        full = torch.cat([mine(r, shape) for r in range(world)], dim)
+        assert torch.equal(cp.split(full, dim), mine(rank, shape)), dim
+    # tensors without elements: the empty result of the right shape and dtype
+    for empty in ((0, 3, 4), (2, 0, 4), (2, 3, 0), (0,)):
+        for dim in range(-len(empty), len(empty)):
+            got = cp.all_gather(mine(rank, empty, torch.bfloat16), dim)
+            want = torch.cat([mine(r, empty, torch.bfloat16) for r in range(world)], dim)
+            assert got.shape == want.shape and got.dtype == torch.bfloat16, (empty, dim, got.shape)
+            assert cp.split(want, dim).shape == empty
+    for B, s in ((0, 3), (1, 0)):  # an empty batch / an empty sequence shard through Ulysses
+        heads = cp.seq_to_heads(torch.zeros(B, s, 2 * world, 4))
+        assert heads.shape == (B, s * world, 2, 4)
+        assert cp.heads_to_seq(heads).shape == (B, s, 2 * world, 4)
+    # what cannot work says why, before any collective (every rank alike: no hang)
+    errors = []
+    for call in (lambda: cp.all_gather(mine(rank, shape), 4), lambda: cp.all_gather(mine(rank, shape), -5),
+                 lambda: cp.split(mine(rank, shape), -5), lambda: cp.all_gather(torch.tensor(1.0), 0),
+                 lambda: cp.seq_to_heads(torch.zeros(1, 3, 2 * world + 1, 4)),
+                 lambda: cp.seq_to_heads(torch.zeros(3, 2 * world, 4)),
+                 lambda: cp.heads_to_seq(torch.zeros(1, 2 * world + 1, 2, 4))):
+        try:
+            call()
+        except (IndexError, ValueError, ContextParallelError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
+        else:
+            errors.append(None)
+    # and the group still works afterwards
+    assert torch.equal(cp.all_gather(mine(rank, (3,)), -1), torch.cat([mine(r, (3,)) for r in range(world)]))
+    return errors
+
+
+@pytest.mark.parametrize("max_slices", [8, 0])
+def test_collectives_take_negative_dims_and_empty_tensors(max_slices):
+    for errors in _ok(run_ranks(_edge_case, 2, max_slices, timeout=60)):
+        out4, neg5, split5, scalar, heads, ndim, seq = errors
+        assert out4.startswith("IndexError: context parallel all_gather: dim 4 is out of range for a 4-D tensor")
+        assert "(expected -4 ... 3)" in out4 and "dim -5 is out of range" in neg5
+        assert split5.startswith("IndexError: context parallel split: dim -5")
+        assert scalar.startswith("ValueError") and "0-d tensor" in scalar
+        assert heads.startswith("ContextParallelError") and "5 heads do not divide by 2 ranks" in heads
+        assert ndim.startswith("ValueError") and "[batch, tokens, heads, head_dim]" in ndim and "(3, 4, 4)" in ndim
+        assert seq.startswith("ContextParallelError") and "5 tokens does not divide by 2 ranks" in seq
 
 
 # ---------------------------------------------------------------- failures

@@ -90,10 +90,10 @@ def test_ulysses_exchange_holds_send_and_receive_buffers_only(wan):
     for r in _ranks(tr, inputs, "lvsa"):
         sizes = sorted((n for n, _ in r["exchange"]), reverse=True)
         assert sizes == [3 * U, 3 * U, U, U], [(n / U, w) for n, w in r["exchange"]]
-        # 6U by construction; a quarter-U chunk is now and then freed a moment late (seen:
-        # 6.25U in 1 of 4 runs: gloo's asynchronous work or Python's GC), so allow half a U,
-        # still far below the old 12U and diffusers' 9U
-        assert r["layer_peak"] <= 6.5 * U, r["layer_peak"] / U
+        # the send and receive buffers of q/k/v, 3U each, and nothing beside them (the
+        # receive buffer is gone before LVSA_CHECK's finiteness masks or the attention
+        # output are made; live_bytes.py's note says why gloo's late release is not counted)
+        assert r["layer_peak"] <= 6 * U, r["layer_peak"] / U
         torch.testing.assert_close(r["out"], single, rtol=1e-5, atol=1e-5)
 
 
@@ -209,3 +209,29 @@ def test_handed_over_output_exchange_holds_two_buffers(batch):
         peak, shape = r.value
         assert shape == (batch, 8, 8, 16)
         assert peak <= 1.0, peak
+
+
+# ------------------------------------------------------------ the measurement itself
+def _frees_on_return(rank, world, calls):
+    import torch.distributed as dist
+
+    late = 0
+    with LiveBytes() as m:
+        for _ in range(calls):
+            send = torch.randn(4, 256)
+            recv = torch.empty_like(send)
+            level = m.current
+            dist.all_to_all_single(recv, send)
+            del send, recv  # lvsa's exchange drops a buffer right after the call like this
+            late += m.current != level - 2 * 4 * 256 * 4
+    return late
+
+
+def test_buffers_a_collective_used_are_counted_free_when_the_caller_drops_them():
+    """gloo's worker thread drops its references to a collective's tensors after waking the
+    caller, so a buffer dropped right after the call was freed now at once, now later (30
+    to 45 of 300 calls on a loaded 2-core machine; a layer measured 6U or 6.25U). Inside
+    LiveBytes the collectives return only once gloo holds none of their tensors."""
+    for r in run_ranks(_frees_on_return, 2, 300, timeout=120):
+        assert r.finished and r.error is None, f"rank {r.rank}: {r.error}\n{r.traceback}"
+        assert r.value == 0, f"rank {r.rank}: {r.value} of 300 buffers freed after the caller dropped them"

@@ -176,6 +176,23 @@ def test_plan_is_cached_per_mask_and_shape(with_backends):
     assert sorted(calls) == list(range(sched.key_frame_interval))
 
 
+
+def test_a_plan_cached_under_inference_mode_serves_autograd(fresh_plugins):
+    # generating under torch.inference_mode() caches the reference plan's gather indices; a
+    # later forward under autograd with the same mask (fine-tuning) must be able to use them
+    mask, q, k, v = inputs()
+    assert mask.density() < 1  # a sparse mask: the plan gathers K/V frames by index
+    with torch.inference_mode():
+        want = lvsa.attention(q, k, v, mask, backend="reference")
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    got = lvsa.attention(q, k, v, mask, backend="reference")
+    got.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert bool(k.grad.abs().sum() > 0)
+    assert torch.equal(got.detach(), want)
+    (handle,) = [h for (b, m, _), h in dispatch._plans.items() if m == mask and b.name == "reference"]
+    assert not any(t.is_inference() for *_, t in handle)  # (first, last, row, indices) groups
+
 def test_a_backend_that_raised_is_demoted_for_that_problem(with_backends, monkeypatch, capsys):
     ranks(monkeypatch, exploding=20, marker=10)
     Exploding.calls = 0

@@ -349,3 +349,77 @@ def test_under_lvsa_context_parallelism_ranks_get_the_single_process_latent(fami
         out, warnings, rx = r.value
         assert warnings == [] and rx["changed"] and rx["k"] == 1
         torch.testing.assert_close(out, single, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------ inference mode, then autograd
+def _transformer_inputs(pipe, family, num_frames, h=32, w=32):
+    """Transformer forward arguments for one clip (CogVideoX: with the pipeline's rotary table)."""
+    tr = pipe.transformer
+    lat = (num_frames - 1) // 4 + 1
+    g = torch.Generator().manual_seed(3)
+    if family == "wan":
+        return dict(hidden_states=torch.randn(1, 16, lat, h // 8, w // 8, generator=g), timestep=torch.tensor([500]),
+                    encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)
+    return dict(hidden_states=torch.randn(1, lat, tr.config.in_channels, h // 8, w // 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 16, tr.config.text_embed_dim, generator=g),
+                timestep=torch.tensor([500]), return_dict=False,
+                # built per call, so that under inference_mode the pipeline's table is an inference tensor
+                image_rotary_emb=lambda: pipe._prepare_rotary_positional_embeddings(h, w, lat, torch.device("cpu")))
+
+
+def _call(tr, inputs):
+    return tr(**{k: v() if callable(v) else v for k, v in inputs.items()})[0]
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])  # a rotary-module hook; the transformer's pre-hook
+def test_a_table_cached_under_inference_mode_serves_a_later_forward_with_autograd(family, fresh_plugins,
+                                                                                   monkeypatch):
+    # generation under torch.inference_mode() caches an inference tensor; fine-tuning (or any
+    # forward under autograd) on the same geometry must not be handed it: autograd refuses to
+    # save an inference tensor for backward
+    built = []
+    real_apply = riflex.apply_plan
+    monkeypatch.setattr(riflex, "apply_plan", lambda *a: built.append(torch.is_inference_mode_enabled())
+                        or real_apply(*a))  # whether each build ran in inference mode
+    pipe = tiny.build(family)
+    tr = pipe.transformer
+    inputs = _transformer_inputs(pipe, family, LONG[family]["num_frames"])
+    integrations.enable(tr, riflex=True, reference_latent_frames=REF)
+    try:
+        with torch.inference_mode():
+            want = _call(tr, inputs)
+        assert built == [False] and tr._lvsa_state.riflex.last_plan.changed
+        tr.requires_grad_(True)
+        got = _call(tr, inputs)
+        got.square().mean().backward()
+        grads = [p.grad for p in tr.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        assert built == [False]  # built once, as a normal tensor, and reused under autograd
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+        with torch.inference_mode():
+            assert torch.equal(_call(tr, inputs), want)
+        tr.zero_grad()
+        _call(tr, inputs).square().mean().backward()
+        assert built == [False]
+    finally:
+        tr.requires_grad_(False)
+        integrations.disable(tr)
+
+
+def test_a_table_that_requires_grad_is_not_cached(fresh_plugins):
+    # a cached table inside an autograd graph would make the next backward run through the
+    # graph of the forward that built it (freed after its first backward)
+    from lvsa.engine import Engine
+
+    rx = riflex.Riflex(Engine(family="wan", riflex=True, reference_latent_frames=REF), "wan")
+    T, P = 25, 4
+    f = torch.arange(T, dtype=torch.float32).repeat_interleave(P).view(1, T * P, 1, 1)
+    theta = torch.tensor([1.0, 0.01]).repeat_interleave(2)  # periods 6.3 and 628 frames, interleaved pairs
+    scale = torch.ones(4, requires_grad=True)                # a learnable rotary table upstream
+    for _ in range(2):
+        ang = f * theta * scale
+        cos, sin = rx.table(ang.cos(), ang.sin(), T, P, 4, source="rope", grid=(T, 2, 2))
+        assert rx.last_plan.changed
+        (cos.sum() + sin.sum()).backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad).all()
+    assert rx._tables == {}

@@ -195,7 +195,10 @@ class Riflex:
         function of the two, so with a ``source`` the frequencies are read once per source
         (and dtype, device) and the RIFLEx table is built once per (source, geometry, frames,
         ``k``, new period, dtype, device) and reused on every later step and generation.
-        Without a ``source`` every call reads and builds.
+        Without a ``source`` every call reads and builds; a table that requires grad is
+        built on every call. A cached table is a normal tensor (not an inference tensor) even
+        when built under ``torch.inference_mode()``, so it serves later forwards under
+        autograd (fine-tuning the same transformer) as well.
         """
         from .. import telemetry
 
@@ -222,13 +225,19 @@ class Riflex:
             changed=p.changed, components=t_dim // 2))
         if not p.changed:  # T <= reference, or the period already covers T: diffusers' own tables
             return cos, sin
-        if source is None:
+        if source is None or cos.requires_grad or sin.requires_grad:
+            # a table in an autograd graph is not reused: a later backward would run through
+            # the graph of the forward that built it a second time
             return apply_plan(cos, sin, T, p)
         key = (source, tuple(grid or (T, tokens_per_frame)), tuple(cos.shape), T, p.k, p.new_period,
                cos.dtype, cos.device)
         hit = self._tables.get(key)
         if hit is None:
-            hit = self._tables[key] = apply_plan(cos, sin, T, p)
+            # built as a normal tensor even under torch.inference_mode(): an inference tensor,
+            # once cached, would fail a later forward under autograd (fine-tuning the same
+            # transformer) with "Inference tensors cannot be saved for backward"
+            with torch.inference_mode(False), torch.no_grad():
+                hit = self._tables[key] = apply_plan(cos, sin, T, p)
             while len(self._tables) > TABLE_CACHE:
                 self._tables.popitem(last=False)  # the least recently used geometry
         else:
