@@ -28,6 +28,7 @@ if [ -d "$site/flash_attn" ]; then
   export PYTHONPATH=$PYTHONPATH:$site:$site/nvidia_cutlass_dsl/dsl_packages
   python3 -c "import flash_attn.cute" && fa4=fa4
 fi
+case "$stage" in main|ref|rest) ;; *) echo "unknown stage '$stage': main, ref or rest" >&2; exit 2;; esac
 echo "[run] stage $stage, fa4: ${fa4:-absent}" | tee -a "$out/bench-$tag.log"
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=24 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import math
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -121,6 +122,11 @@ def sdpa(q, k, v, scale, attn_mask=None):
 DenseKernel = Callable[..., torch.Tensor]
 _dense_kernel: contextvars.ContextVar[Optional[DenseKernel]] = contextvars.ContextVar(
     "lvsa_dense_kernel", default=None)
+#: open :func:`dense_kernel` blocks in the process: :func:`dense_attention` reads the context
+#: variable only when one is open (torch.compile cannot trace ``ContextVar.get``; a plain int
+#: keeps the usual path one graph)
+_dense_blocks = 0
+_dense_blocks_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -133,11 +139,16 @@ def dense_kernel(fn: Optional[DenseKernel]) -> Iterator[None]:
     model`` runs its *best dense* row on FlashAttention-4's dense forward this way when
     that is the card's fastest). ``fn`` must compute exactly what :func:`dense_attention`
     does: every query over every video (+ text) key, ``scale`` or ``1/sqrt(D)``."""
+    global _dense_blocks
     token = _dense_kernel.set(fn)
+    with _dense_blocks_lock:
+        _dense_blocks += 1
     try:
         yield
     finally:
         _dense_kernel.reset(token)
+        with _dense_blocks_lock:
+            _dense_blocks -= 1
 
 
 def dense_attention(q, k, v, text_k=None, text_v=None, scale=None):
@@ -145,7 +156,7 @@ def dense_attention(q, k, v, text_k=None, text_v=None, scale=None):
     or the kernel a :func:`dense_kernel` block set)."""
     if scale is None:
         scale = default_scale(q.shape[-1])
-    fn = _dense_kernel.get()
+    fn = _dense_kernel.get() if _dense_blocks else None
     if fn is not None:
         return fn(q, k, v, text_k, text_v, scale)
     if text_k is not None:

@@ -10,6 +10,7 @@
 FA4 runs through the CPU stand-in of its documented API (tests/fa4_standin.py)."""
 import glob
 import json
+import threading
 
 import pytest
 import torch
@@ -196,6 +197,17 @@ def test_lvsa_dense_calls_go_through_the_one_seam_and_it_resets():
         assert torch.equal(eng.attention(q, k, v), torch.full_like(q, 7.0))
     assert torch.equal(ops.dense_attention(q, k, v), want)   # reset after the block
     assert seen[0] == (k.shape, None, pytest.approx(8 ** -0.5)) and len(seen) == 2
+    # reset when the block raises, and another thread never sees this thread's kernel
+    with pytest.raises(RuntimeError, match="inside"):
+        with ops.dense_kernel(kernel):
+            other = []
+            t = threading.Thread(target=lambda: other.append(ops.dense_attention(q, k, v)))
+            t.start()
+            t.join()
+            assert torch.equal(other[0], want)
+            raise RuntimeError("inside")
+    assert torch.equal(ops.dense_attention(q, k, v), want) and ops._dense_blocks == 0
+    assert len(seen) == 2
 
 
 def test_choice_of_the_best_dense_kernel():
@@ -228,9 +240,10 @@ def test_probe_without_fa4_records_why():
 
     p = bm.probe_dense_kernels(get_spec("tiny-wan"), 21, 1, "cpu", torch.float32)
     assert p["fastest"] is None and p["fa4"] is None and p["order"] is None
-    why = p["ms"]["fa4"]
-    assert why.startswith("n/a: ") and "device is cpu, fa4 runs on cuda" in why
+    why = "; ".join(p["fa4_why"])
+    assert "device is cpu, fa4 runs on cuda" in why
     assert all(r in why for r in fa.FA4Backend().availability_reasons())
+    assert "fa4" not in p["ms"]   # off CUDA, FA4 is no candidate the Markdown lists
 
 
 def test_best_dense_row_runs_through_fa4_when_it_is_the_fastest(fa4_on_cpu, tmp_path):
@@ -265,3 +278,31 @@ def test_best_dense_row_runs_through_fa4_when_it_is_the_fastest(fa4_on_cpu, tmp_
         out = ctx.forward(inputs)
     assert len(fa4_on_cpu) - before == spec.layers
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
+
+
+def _agree_on_rank(rank, world):
+    from types import SimpleNamespace
+
+    from lvsa.bench import model as bm
+
+    # each rank probed on its own: rank 1 found cuDNN fastest, rank 0 FA4; rank 1 alone can run FA4
+    fa4_fn = (lambda *a: None) if rank in (0, 1) else None
+    ms = {"cudnn": 10.0 + rank * -5, "flash": 12.0, "fa4": 9.0 + rank * 10}
+    probe = {"ms": ms, "fastest": min(ms, key=ms.get), "order": None, "fa4": None, "fa4_fn": fa4_fn,
+             "sdpa": False}
+    got = bm.agree_dense(SimpleNamespace(world=world), probe)
+    return got["fastest"], got["fa4"] is not None, dict(got["ms"])
+
+
+def test_ranks_agree_on_rank_0s_best_dense_kernel():
+    """Under --world-size N every rank's best dense row runs on rank 0's choice (one timed call
+    per kernel per rank could differ), and FA4 only when every rank can run it."""
+    from cp_harness import run_ranks
+
+    two = run_ranks(_agree_on_rank, 2, timeout=60)
+    assert all(r.error is None for r in two), [r.traceback for r in two]
+    assert [r.value[:2] for r in two] == [("fa4", True), ("fa4", True)]   # rank 1 alone would pick cudnn
+    three = run_ranks(_agree_on_rank, 3, timeout=60)   # rank 2 cannot run FA4: nobody uses it
+    assert all(r.error is None for r in three), [r.traceback for r in three]
+    assert {r.value[0] for r in three} == {"cudnn"} and not any(r.value[1] for r in three)
+    assert all(r.value[2]["fa4"].startswith("n/a: not every rank") for r in three)

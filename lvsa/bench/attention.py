@@ -267,7 +267,7 @@ def bench_shape(s: Shape, backends, args, triton_configs, device, dtype, oracle=
     problem = Problem.from_tensors(q, k, mask, tk)
     # the output every backend's is checked against: the timed reference's, or (not timed)
     # the reference computed once here, untimed, for the check only
-    check: Dict[str, Any] = {"mode": "timed" if "reference" in backends else "check only"}
+    check: Dict[str, Any] = {"mode": "timed" if "reference" in backends else "check only", "error": None}
     rec["reference_check"] = check
     ref = None
     if "reference" not in backends:

@@ -189,16 +189,19 @@ def probe_dense_kernels(spec: ModelSpec, T: int, batch: int, device, dtype) -> D
     backend says it can run. Returns ``ms`` (each kernel's time, or why it did not run:
     ``n/a: <the fa4 backend's reasons>``, an error), ``fastest`` (``cudnn``, ``flash`` or
     ``fa4``; ``None`` when nothing was timed), ``order`` (SDPA's kernels, fastest first, for
-    every SDPA call of the row) and ``fa4`` (FA4's dense function when it is the fastest:
-    lvsa's dense calls then run through it, :func:`dense_kernel`)."""
+    every SDPA call of the row), ``fa4`` (FA4's dense function when it is the fastest:
+    lvsa's dense calls then run through it, :func:`dense_kernel`) and ``fa4_why`` (why FA4
+    cannot run here; in ``ms`` too on a CUDA GPU, where it is a candidate worth naming)."""
     dev = torch.device(device)
     S = T * spec.tokens_per_frame + spec.joint_text_tokens
     H, D = spec.heads, spec.head_dim
-    fa4, why = common.fa4_dense(dev, dtype, batch, S, H, H, D)
-    ms: Dict[str, Any] = {} if fa4 is not None else {"fa4": "n/a: " + "; ".join(why)}
     sdpa = dev.type == "cuda"
+    fa4, why = common.fa4_dense(dev, dtype, batch, S, H, H, D)
+    # why FA4 is no candidate is worth a line on a CUDA GPU only (not on a CPU or an NPU)
+    ms: Dict[str, Any] = {} if fa4 is not None or not sdpa else {"fa4": "n/a: " + "; ".join(why)}
     if not sdpa and fa4 is None:
-        return {"order": None, "fastest": None, "ms": ms, "fa4": None}
+        return {"order": None, "fastest": None, "ms": ms, "fa4": None, "fa4_fn": None, "sdpa": False,
+                "fa4_why": why}
     q = torch.randn(batch, S, H, D, device=dev, dtype=dtype)
     k, v = torch.randn_like(q), torch.randn_like(q)
     calls = {}
@@ -226,7 +229,30 @@ def probe_dense_kernels(spec: ModelSpec, T: int, batch: int, device, dtype) -> D
     del q, k, v, calls
     common.free_memory(dev)
     fastest, order = choose_dense(ms, sdpa)
-    return {"order": order, "fastest": fastest, "ms": ms, "fa4": fa4 if fastest == "fa4" else None}
+    return {"order": order, "fastest": fastest, "ms": ms, "fa4": fa4 if fastest == "fa4" else None,
+            "fa4_fn": fa4, "sdpa": sdpa, "fa4_why": why}
+
+
+def agree_dense(ctx, probe: Dict[str, Any]) -> Dict[str, Any]:
+    """Under ``--world-size N``: every rank's best dense row on the same kernel, rank 0's
+    choice (each rank probes on its own with one timed call per kernel, and ranks could
+    pick different kernels). FA4 is kept only if every rank can run it. One process:
+    ``probe`` unchanged."""
+    world = getattr(ctx, "world", 1) if ctx is not None else 1
+    if world <= 1:
+        return probe
+    import torch.distributed as dist
+
+    everyone = [None] * world
+    dist.all_gather_object(everyone, probe.get("fa4_fn") is not None)
+    box = [dict(probe["ms"])]
+    dist.broadcast_object_list(box, src=0)
+    ms = box[0]
+    if not all(everyone) and isinstance(ms.get("fa4"), (int, float)):
+        ms["fa4"] = "n/a: not every rank can run FlashAttention-4's dense forward"
+    fastest, order = choose_dense(ms, probe.get("sdpa", True))
+    return dict(probe, ms=ms, fastest=fastest, order=order,
+                fa4=probe.get("fa4_fn") if fastest == "fa4" else None)
 
 
 def choose_dense(ms: Dict[str, Any], sdpa: bool = True):
@@ -641,8 +667,8 @@ def dense_kernel_lines(records: List[Dict[str, Any]]) -> List[str]:
             rows.append(f"- {rec['title']} T{rec['T']} B{rec['batch']}: "
                         f"{DENSE_KERNEL_NAMES.get(best, best or 'none timed')} ("
                         + ", ".join(f"{n} {t:.2f} ms" for t, n in timed) + ")")
-    if not rows and not why:
-        return []
+    if not rows and not why or not any("dense" in (rec.get("variants") or {}) for rec in records):
+        return []   # nothing probed, or no row ran the best dense baseline
     out = ["", "Best dense kernel per row (`dense` ran on the fastest of one timed dense self-attention call "
                "per kernel):" if rows else "Best dense kernel: none was timed, `dense` ran on the default SDPA:"]
     out += rows
@@ -859,7 +885,7 @@ def _run(args, dist_info, device, dtype) -> int:
                     summarize_row(rec)
                     bar.update(n_variants)
                     continue
-                probe = probe_dense_kernels(spec, T, b, device, dtype)
+                probe = agree_dense(ctx, probe_dense_kernels(spec, T, b, device, dtype))
                 rec["dense_kernels_ms"] = probe["ms"]
                 rec["dense_kernel"] = probe.get("fastest")
                 variants = baselines + run

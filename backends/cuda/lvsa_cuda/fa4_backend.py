@@ -18,10 +18,11 @@ tiles (some are; the kernel calls :func:`mask_mod` for each element). The tables
 depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows) with a
 few dozen torch ops on the problem's device (the GPU for a CUDA problem: 3-6 ms on the H200;
 10 ms on a 2-core CPU at Wan's T_lat 81, ``benchmarks/bench_planner.py``) from a
-summed-area table of the frame mask: no token-level mask is ever built. The ``mask_mod`` reads three small int32 tables passed as FA4
-``aux_tensors``: the frame of every query row, the frame of every key, and the ``T x T``
-frame mask. So one compiled kernel serves every geometry (FA4 compiles per
-:meth:`FA4Backend.compile_key`: dtype, head dim, text, GQA ratio, batch 1 or more, GPU).
+summed-area table of the frame mask: no token-level mask is ever built. The ``mask_mod``
+reads three small int32 tables passed as FA4 ``aux_tensors``: the frame of every query
+row, the frame of every key, and the ``T x T`` frame mask. So one compiled kernel serves
+every geometry (FA4 compiles per :meth:`FA4Backend.compile_key`: dtype, head dim, text,
+GQA ratio, batch 1 or more, GPU).
 
 Text tokens are merged exactly from FA4's natural-log LSE with the same in-place merge
 kernel as the flashinfer backend; query rows ``[lo, hi)`` (sequence parallelism) shift
