@@ -17,10 +17,8 @@
 set -uo pipefail
 tag=${1:-fa4dense}
 source benchmarks/device_setup.sh
-site=$PWD/.gpu-site
-[ -d "$site/flash_attn" ] || { echo "[run] no $site/flash_attn: run benchmarks/verify_fa4.sh first on this machine" | tee -a "$out/bench-$tag.log"; exit 2; }
-export PYTHONPATH=$PYTHONPATH:$site:$site/nvidia_cutlass_dsl/dsl_packages
-python3 -c "import flash_attn.cute" 2>&1 | tail -1 | sed 's/^/[run] fa4 import: /' | tee -a "$out/bench-$tag.log"
+source benchmarks/fa4_setup.sh
+[ -n "$fa4" ] || { echo "[run] no FlashAttention-4 in $site: run benchmarks/verify_fa4.sh first on this machine" | tee -a "$out/bench-$tag.log"; exit 2; }
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=12 timeout 150 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
 # the attention run gets what is left but ~170 s, which the model rows need

@@ -12,9 +12,8 @@ set -uo pipefail
 tag=${1:-next}
 source benchmarks/device_setup.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e plugins/lvsa-flex || exit 1
-site=$PWD/.gpu-site
-[ -d "$site/flash_attn" ] && export PYTHONPATH=$PYTHONPATH:$site:$site/nvidia_cutlass_dsl/dsl_packages
-python3 -c "import flash_attn.cute" 2>&1 | tail -1 | sed 's/^/[run] fa4 import: /' | tee -a "$out/bench-$tag.log"
+source benchmarks/fa4_setup.sh
+echo "[run] fa4: ${fa4:-absent}" | tee -a "$out/bench-$tag.log"
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=12 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
 timeout 300 python3 -m lvsa bench attention --out "$out" --tag "$tag" --no-progress \

@@ -22,12 +22,7 @@ set -uo pipefail
 tag=${1:-x2rows2}
 stage=${2:-main}
 source benchmarks/device_setup.sh
-site=$PWD/.gpu-site
-fa4=""
-if [ -d "$site/flash_attn" ]; then
-  export PYTHONPATH=$PYTHONPATH:$site:$site/nvidia_cutlass_dsl/dsl_packages
-  python3 -c "import flash_attn.cute" && fa4=fa4
-fi
+source benchmarks/fa4_setup.sh
 case "$stage" in main|ref|rest) ;; *) echo "unknown stage '$stage': main, ref or rest" >&2; exit 2;; esac
 echo "[run] stage $stage, fa4: ${fa4:-absent}" | tee -a "$out/bench-$tag.log"
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp

@@ -11,10 +11,8 @@ tag=${1:-x2fa4}
 start=$(date +%s)
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-site=$PWD/.gpu-site
-if [ -f .fa4/fa4site.tar.xz ]; then mkdir -p "$site" && tar -xJf .fa4/fa4site.tar.xz -C "$site" || exit 1; fi
-[ -f .fa4/libtvm_ffi_testing.so ] && cp .fa4/libtvm_ffi_testing.so "$site/tvm_ffi/lib/"  # tvm_ffi.core links it
-export PYTHONPATH=$site:$site/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/fa4_setup.sh
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda || exit 1
 log="$out/bench-$tag.log"

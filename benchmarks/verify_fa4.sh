@@ -13,10 +13,8 @@ tag=${1:-fa4}
 start=$(date +%s)
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-site=$PWD/.gpu-site
-if [ -f .fa4/fa4site.tar.xz ]; then mkdir -p "$site" && tar -xJf .fa4/fa4site.tar.xz -C "$site" || exit 1; fi
-[ -f .fa4/libtvm_ffi_testing.so ] && cp .fa4/libtvm_ffi_testing.so "$site/tvm_ffi/lib/"  # tvm_ffi.core links it
-export PYTHONPATH=$site:$site/nvidia_cutlass_dsl/dsl_packages:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source benchmarks/fa4_setup.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e . -e backends/cuda || exit 1
 log="$out/verify-fa4-$tag.txt"
 echo "[run] setup done after $(( $(date +%s) - start ))s" | tee "$log"

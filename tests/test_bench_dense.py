@@ -263,8 +263,9 @@ def test_best_dense_row_runs_through_fa4_when_it_is_the_fastest(fa4_on_cpu, tmp_
     dense = [c for c in fa4_on_cpu if c.get("dense")]
     assert len(dense) == 2 + 1 + rec["layers"] * len(V["dense"]["samples_s"])
     assert {c["k"][1] for c in dense} == {rec["video_tokens"] + rec["text_tokens"]}
-    md = open(path[:-5] + ".md").read()
-    assert f"- tiny HunyuanVideo 1.5 (quick) T49 B1: FlashAttention-4 dense (fa4 " in md
+    with open(path[:-5] + ".md") as f:
+        md = f.read()
+    assert "- tiny HunyuanVideo 1.5 (quick) T49 B1: FlashAttention-4 dense (fa4 " in md
     assert "*best dense* ran on FlashAttention-4's dense forward" in _report(path)
     # and the row it times is the same function as diffusers' own attention
     spec = get_spec("tiny-hunyuan")

@@ -64,7 +64,6 @@ def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode):
 def test_tables_at_wan_size_are_mostly_full_tiles():
     """Wan 1.3B T_lat 81 (P = 1560): 128 x 128 tiles that ignore frame boundaries leave only
     the tiles cut by a boundary of the attended set to the mask_mod."""
-    from lvsa.presets import get_preset  # noqa: F401 - the preset's schedule parameters
     mask = plan_schedule(81, W=3, n=1, reference=21).mask(0)
     t = fa.tile_tables(mask, 1560)
     full, partial, total = t.counts
@@ -78,7 +77,7 @@ def _per_tile_reference(mask, P, rows, tile):
     each touches decide full / partial / absent; each row lists its key tiles ascending,
     then the others ascending, cut to the widest row (at least 1)."""
     A = mask.to_dense("frame")
-    T, S = mask.num_frames, mask.num_frames * P
+    S = mask.num_frames * P
     lo, hi = rows or (0, S)
     tm, tn = tile
     M, N = -(-(hi - lo) // tm), -(-S // tn)
@@ -147,7 +146,7 @@ def test_plan_builds_the_tables_on_the_problem_device(monkeypatch):
                     (torch.device("cpu"), (128, 128))]
 
 
-from cuda_problems import h200_problem as _problem  # noqa: E402
+from cuda_problems import ROW_CASES, h200_problem as _problem, query_rows_case  # noqa: E402
 
 
 def test_reasons(monkeypatch):
@@ -227,22 +226,16 @@ def test_plan_and_run_against_the_reference(fake_fa4, B, H, Hkv, L, D, tile):
     assert torch.allclose(out2, ref2, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows,L", [((0, 24), 0), ((17, 61), 5), ((36, 84), 3)])
+@pytest.mark.parametrize("rows,L", ROW_CASES)
 def test_query_rows(fake_fa4, rows, L):
-    B, T, P, H, Hkv, D = 2, 7, 12, 2, 1, 16
-    mask = plan_schedule(T, 1, 1, 3).mask(1)
-    g = torch.Generator().manual_seed(7)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
-    q, k, v = r(B, T * P, H, D), r(B, T * P, Hkv, D), r(B, T * P, Hkv, D)
-    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
+    mask, q, k, v, tk, tv, ref = query_rows_case(L)
     lo, hi = rows
     be = fa.FA4Backend()
     be.tile = (8, 8)
     plan = be.plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
     assert plan.tables.mask_cnt.shape[-1] == -(-(hi - lo) // 8)     # only the rows q holds
     out = be.run(plan, q[:, lo:hi], k, v, tk, tv)
-    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
-    assert out.shape == (B, hi - lo, H, D) and torch.allclose(out, ref[:, lo:hi], atol=2e-5)
+    assert out.shape == q[:, lo:hi].shape and torch.allclose(out, ref[:, lo:hi], atol=2e-5)
 
 
 def test_fa4_conformance_on_the_standin(fake_fa4):
@@ -475,3 +468,19 @@ def test_a_copy_for_a_strided_head_dim_is_said(fake_fa4, capsys):
     ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v)
     assert torch.allclose(out, ref, atol=2e-5)
     assert "fa4: q not contiguous in head_dim, copied" in capsys.readouterr().err
+
+
+def test_run_refuses_a_foreign_plan_or_another_shape(fake_fa4):
+    """A plan reused on tensors of another head count, head dim or dtype raises (it would read
+    tables made for another problem); the batch is free (tables broadcast over it)."""
+    mask, q, k, v, tk, tv, ref = query_rows_case(0)
+    be = fa.FA4Backend()
+    be.tile = (8, 8)
+    plan = be.plan(mask, Problem.from_tensors(q, k, mask, None))
+    assert torch.allclose(be.run(plan, q[:1], k[:1], v[:1]), ref[:1], atol=2e-5)   # batch 1 of a batch-2 plan
+    with pytest.raises(ValueError, match=r"fa4 plan was made for heads=2/1 head_dim=16"):
+        be.run(plan, q.repeat(1, 1, 2, 1), k, v)
+    with pytest.raises(ValueError, match="fa4 plan was made for"):
+        be.run(plan, q.double(), k.double(), v.double())
+    with pytest.raises(TypeError, match=r"fa4.run\(\) takes the FA4Plan from fa4.plan"):
+        be.run(object(), q, k, v)

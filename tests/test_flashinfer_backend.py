@@ -60,7 +60,7 @@ def test_lse_base2_conversion_and_exact_merge():
     assert torch.allclose(merged.double(), full.double(), atol=1e-5)
 
 
-from cuda_problems import h200_problem as _problem  # noqa: E402
+from cuda_problems import ROW_CASES, h200_problem as _problem, query_rows_case  # noqa: E402
 
 
 def test_reasons_when_package_missing(monkeypatch):
@@ -179,22 +179,29 @@ def test_strided_k_with_contiguous_v(fake_flashinfer):
     assert torch.allclose(out, ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("rows,L", [((0, 24), 0), ((17, 61), 5), ((36, 84), 3)])
+@pytest.mark.parametrize("rows,L", ROW_CASES)
 def test_query_rows_run_only_their_frames(fake_flashinfer, rows, L):
     """Sequence parallelism: q holds rows [lo, hi) (frames cut anywhere); the plan has
     only the block rows of the frames they touch and the result equals the reference rows."""
-    from lvsa.backends.reference import ReferenceBackend
-    B, T, P, H, Hkv, D = 2, 7, 12, 2, 1, 16
-    mask = plan_schedule(T, 1, 1, 3).mask(1)
-    g = torch.Generator().manual_seed(7)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float32)  # noqa: E731
-    q, k, v = r(B, T * P, H, D), r(B, T * P, Hkv, D), r(B, T * P, Hkv, D)
-    tk, tv = (r(B, L, Hkv, D), r(B, L, Hkv, D)) if L else (None, None)
-    lo, hi = rows
+    mask, q, k, v, tk, tv, ref = query_rows_case(L)
+    (B, S), T, lo, hi = q.shape[:2], mask.num_frames, rows[0], rows[1]
+    P = S // T
     be = fb.FlashInferBackend()
     plan = be.plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
     f0, f1 = lo // P, -(-hi // P)
     assert plan.wrapper.args[2] == B * (f1 - f0) * P and plan.wrapper.args[3] == B * T * P
     out = be.run(plan, q[:, lo:hi], k, v, tk, tv)
-    ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
-    assert out.shape == (B, hi - lo, H, D) and torch.allclose(out, ref[:, lo:hi], atol=2e-5)
+    assert out.shape == q[:, lo:hi].shape and torch.allclose(out, ref[:, lo:hi], atol=2e-5)
+
+
+def test_run_refuses_a_plan_of_another_batch_or_shape(fake_flashinfer):
+    """FlashInfer's CSR covers batch x frames: unlike fa4's tables, the batch must match too."""
+    mask, q, k, v, _, _, _ = query_rows_case(0)
+    be = fb.FlashInferBackend()
+    plan = be.plan(mask, Problem.from_tensors(q, k, mask, None))
+    with pytest.raises(ValueError, match=r"flashinfer plan was made for batch=2 heads=2/1"):
+        be.run(plan, q[:1], k[:1], v[:1])
+    with pytest.raises(ValueError, match="flashinfer plan was made for batch=2"):
+        be.run(plan, q[..., :8].contiguous(), k[..., :8].contiguous(), v[..., :8].contiguous())
+    with pytest.raises(TypeError, match=r"flashinfer.run\(\) takes the FlashInferPlan"):
+        be.run(object(), q, k, v)

@@ -32,6 +32,7 @@ memory per GPU (NVML).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -220,7 +221,7 @@ def probe_dense_kernels(spec: ModelSpec, T: int, batch: int, device, dtype) -> D
 
         calls = {n: sdpa_call(kind) for n, kind in kinds.items()}
     if fa4 is not None:
-        calls["fa4"] = lambda: fa4(q, k, v)
+        calls["fa4"] = functools.partial(fa4, q, k, v)
     for name, call in calls.items():
         try:
             ms[name] = common.device_time_ms(call, dev, 1, 1)

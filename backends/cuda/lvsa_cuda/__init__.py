@@ -55,6 +55,25 @@ def device_guard(device):
     return contextlib.nullcontext()
 
 
+def check_plan(name: str, plan_type: type, handle, q, k, batch: bool) -> None:
+    """Refuse a ``run(handle, q, k, ...)`` whose ``handle`` is not this backend's plan, or
+    whose tensors differ from what it was planned for (heads, K/V heads, head dim, dtype
+    and, with ``batch``, the batch size): a plan reused on another shape would read
+    wrong tables or memory instead of failing."""
+    if not isinstance(handle, plan_type):
+        raise TypeError(f"{name}.run() takes the {plan_type.__name__} from {name}.plan(mask, problem), "
+                        f"got {type(handle).__name__}")
+    B, _, H, D = q.shape
+    got = ((B,) if batch else ()) + (H, k.shape[2], D, q.dtype)
+    want = ((handle.batch,) if batch else ()) + (handle.num_heads, handle.num_kv_heads, handle.head_dim,
+                                                 handle.dtype)
+    if got != want:
+        raise ValueError(
+            f"{name} plan was made for " + (f"batch={handle.batch} " if batch else "")
+            + f"heads={handle.num_heads}/{handle.num_kv_heads} head_dim={handle.head_dim} {handle.dtype}, "
+            f"got q {tuple(q.shape)} {q.dtype} and k heads {k.shape[2]}")
+
+
 @functools.lru_cache(maxsize=None)
 def import_error(module: str) -> Optional[str]:
     """``None`` when ``module`` imports, else its error in one line (a broken install of a

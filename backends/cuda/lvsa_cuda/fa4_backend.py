@@ -37,7 +37,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend, concrete_device, device_guard, dist_version, import_error
+from lvsa_cuda import CudaBackend, check_plan, concrete_device, device_guard, dist_version, import_error
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
 from lvsa.ops import default_scale
@@ -335,17 +335,8 @@ class FA4Backend(CudaBackend):
     def run(self, handle: FA4Plan, q, k, v, text_k=None, text_v=None, scale=None):
         from .flashinfer_backend import merge_text
 
-        if not isinstance(handle, FA4Plan):
-            raise TypeError(f"fa4.run() takes the FA4Plan from fa4.plan(mask, problem), "
-                            f"got {type(handle).__name__}")
-        B, n, H, D = q.shape
-        Hkv = k.shape[2]
-        if (H, Hkv, D, q.dtype) != (handle.num_heads, handle.num_kv_heads, handle.head_dim,
-                                    handle.dtype):
-            raise ValueError(
-                f"fa4 plan was made for heads={handle.num_heads}/{handle.num_kv_heads} "
-                f"head_dim={handle.head_dim} {handle.dtype}, got q {tuple(q.shape)} {q.dtype} "
-                f"and k heads {Hkv}")
+        check_plan("fa4", FA4Plan, handle, q, k, batch=False)   # tables broadcast over batch
+        D = q.shape[-1]
         scale = default_scale(D) if scale is None else float(scale)
         has_text = text_k is not None and text_k.shape[1] > 0
         t = handle.tables

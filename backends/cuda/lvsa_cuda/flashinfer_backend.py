@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from lvsa_cuda import CudaBackend, concrete_device, device_guard, dist_version, import_error
+from lvsa_cuda import CudaBackend, check_plan, concrete_device, device_guard, dist_version, import_error
 from lvsa.config import Setting, p_int
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
@@ -206,17 +206,9 @@ class FlashInferBackend(CudaBackend):
 
     # ------------------------------------------------------------------- run
     def run(self, handle: FlashInferPlan, q, k, v, text_k=None, text_v=None, scale=None):
-        if not isinstance(handle, FlashInferPlan):
-            raise TypeError(f"flashinfer.run() takes the FlashInferPlan from "
-                            f"flashinfer.plan(mask, problem), got {type(handle).__name__}")
+        check_plan("flashinfer", FlashInferPlan, handle, q, k, batch=True)
         B, n, H, D = q.shape
         S, Hkv = k.shape[1], k.shape[2]
-        if (B, H, Hkv, D, q.dtype) != (handle.batch, handle.num_heads, handle.num_kv_heads,
-                                       handle.head_dim, handle.dtype):
-            raise ValueError(
-                f"flashinfer plan was made for batch={handle.batch} heads={handle.num_heads}/"
-                f"{handle.num_kv_heads} head_dim={handle.head_dim} {handle.dtype}, got q "
-                f"{tuple(q.shape)} {q.dtype} and k heads {Hkv}")
         scale = default_scale(D) if scale is None else float(scale)
         has_text = text_k is not None and text_k.shape[1] > 0
         strided = [n for n, t in (("q", q), ("k", k), ("v", v)) if not t.is_contiguous()]
