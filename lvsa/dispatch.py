@@ -278,20 +278,21 @@ _plans_lock = threading.Lock()
 def plan_for(backend, mask: BlockMask, problem: Problem):
     """``backend.plan(mask, problem)``, built once per distinct (backend, mask, problem).
 
-    Built outside ``torch.inference_mode()`` (and without grad): a plan's tensors (gather
-    indices, CSR) made under it would be inference tensors, and once cached would fail a
-    later forward under autograd (fine-tuning after generating) with "Inference tensors
-    cannot be saved for backward". Normal tensors serve both modes."""
+    Built in :func:`lvsa.ops.cacheable` (outside ``torch.inference_mode()``, without grad):
+    a plan's tensors (gather indices, CSR) made under inference mode would be inference
+    tensors, and once cached would fail a later forward under autograd (fine-tuning after
+    generating) with "Inference tensors cannot be saved for backward". Normal tensors serve
+    both modes."""
     key = (backend, mask, problem)
     with _plans_lock:
         hit = _plans.get(key)
         if hit is not None:
             _plans.move_to_end(key)
             return hit
-    import torch
+    from .ops import cacheable
 
     t = time.perf_counter()
-    with torch.inference_mode(False), torch.no_grad():
+    with cacheable():
         handle = backend.plan(mask, problem)
     telemetry.emit("plan_built", backend=backend.name, offset=mask.offset, T=mask.num_frames,
                    seconds=time.perf_counter() - t)

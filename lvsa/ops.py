@@ -85,6 +85,20 @@ def validate_inputs(q, k, v, mask: Optional[BlockMask], text_k=None, text_v=None
                                      "(LVSA_CHECK=1 rejects them; fix the upstream layer)")
 
 
+@contextlib.contextmanager
+def cacheable() -> Iterator[None]:
+    """Build tensors that a cache keeps for later calls: outside ``torch.inference_mode()``
+    and without grad.
+
+    A tensor made under ``torch.inference_mode()`` (how generation runs) is an *inference
+    tensor*; once cached, a later call under autograd (fine-tuning the same transformer
+    after generating) that indexes with it or otherwise saves it for backward fails with
+    "Inference tensors cannot be saved for backward". Tensors built in this block are normal
+    tensors (and hold no graph), so they serve calls in every mode."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 

@@ -199,3 +199,24 @@ def test_query_rows_match_the_rows_of_the_full_call(rows, config):
     tb.block_sparse_attention(plan, q[:, lo:hi].contiguous(), k, v, tk, tv, None, config=config, out=out)
     assert torch.isfinite(out).all(), "some output row was not written"
     assert _err(out, _expect(mask, q, k, v, tk, tv)[:, lo:hi]) < TOL[torch.float16]
+
+
+def test_tile_tables_first_built_under_inference_mode_serve_every_later_call():
+    """The plan's tile tables are built on first use, so generation under
+    torch.inference_mode() makes them inference tensors; they stay cached and are only
+    ever kernel pointer arguments (never written, never seen by autograd), so later calls
+    under no_grad or with inputs that require grad read them unchanged."""
+    T, P, H, D = 6, 20, 2, 64
+    mask = plan_schedule(T, W=1, n=1, reference=3).mask(2)
+    q, k, v, _, _ = _inputs(1, T, P, H, H, D, 0, torch.float16, seed=13)
+    plan, cfg = tb.plan_for(mask, q.device), (16, 16, 4, 1, "tiles")
+    with torch.inference_mode():
+        want = tb.block_sparse_attention(plan, q, k, v, config=cfg)
+    (tables,) = plan._tiles.values()
+    with torch.no_grad():
+        assert torch.equal(tb.block_sparse_attention(plan, q, k, v, config=cfg), want)
+    got = tb.block_sparse_attention(plan, q.clone().requires_grad_(True), k, v, config=cfg)
+    assert torch.equal(got, want)
+    (again,) = plan._tiles.values()
+    assert again is tables  # the same cached tables, not rebuilt
+    assert _err(want, _expect(mask, q, k, v, None, None)) < TOL[torch.float16]

@@ -172,6 +172,32 @@ def test_key_index_is_built_once_for_every_layer_and_step(clean, monkeypatch):
     assert built == [(0, n, n + L), (0, n, n + L + 3)]
 
 
+def test_a_row_index_cached_under_inference_mode_serves_autograd(clean, monkeypatch):
+    """The row index built by a call under torch.inference_mode() (how serving runs) is a
+    normal tensor: a later call with autograd on the same geometry (a no-vllm caller fine-tuning
+    through LVSAImplCore) indexes K/V with it and back-propagates, instead of failing with
+    "Inference tensors cannot be saved for backward"."""
+    monkeypatch.setenv("LVSA_REFERENCE_LATENT_FRAMES", "4")
+    T, h, w, L = 12, 2, 3, 5
+    n = T * h * w
+    assert not expected_mask(T, h * w, 1, 4).is_dense
+    runtime.runtime_for(None).publish(clean, (T, h, w))
+    clean.step = 1
+    im = impl()
+    q, k, v = qkv(n + L, seed=9)
+    mask = torch.ones(1, n + L, dtype=torch.bool)
+    mask[:, n + 3:] = False
+    with torch.inference_mode():
+        want = im.run(q, k, v, meta(attn_mask=mask))
+    q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+    got = im.run(q, k, v, meta(attn_mask=mask))
+    got.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert bool(k.grad[:, n:n + 3].abs().sum() > 0) and not k.grad[:, n + 3:].any()  # text keys: valid ones only
+    torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+    assert [idx.is_inference() for idx in im.runtime._other_rows.values()] == [False]
+
+
 def test_joint_text_dense_below_reference_equals_masked_dense(clean):
     T, h, w, L = 3, 2, 2, 4  # hunyuan-like sizes, reference 21: dense by schedule
     n = T * h * w

@@ -50,6 +50,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..ops import cacheable
+
 #: the authors' margin: the clip spans at most 90% of the lowered component's period
 MARGIN = 0.9
 
@@ -233,10 +235,9 @@ class Riflex:
                cos.dtype, cos.device)
         hit = self._tables.get(key)
         if hit is None:
-            # built as a normal tensor even under torch.inference_mode(): an inference tensor,
-            # once cached, would fail a later forward under autograd (fine-tuning the same
-            # transformer) with "Inference tensors cannot be saved for backward"
-            with torch.inference_mode(False), torch.no_grad():
+            # a normal tensor even under torch.inference_mode(), so that it serves a later
+            # forward under autograd (fine-tuning the same transformer) as well
+            with cacheable():
                 hit = self._tables[key] = apply_plan(cos, sin, T, p)
             while len(self._tables) > TABLE_CACHE:
                 self._tables.popitem(last=False)  # the least recently used geometry

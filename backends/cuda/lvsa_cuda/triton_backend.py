@@ -437,7 +437,9 @@ def attend_text_into(out, lse2, q, text_k, text_v, scale: Optional[float] = None
 class TritonPlan:
     """Device copies of the mask's CSR (``indptr`` ``[T+1]``, ``indices`` ``[nnz]``, int32)
     and, built on first use, its tile tables (:func:`tile_table`) per tiling. The
-    dispatcher caches the plan; the plan keeps its own tile tables."""
+    dispatcher caches the plan; the plan keeps its own tile tables. A first use under
+    ``torch.inference_mode()`` makes them inference tensors, which is harmless: they are
+    only ever kernel pointer arguments, never written and never seen by autograd."""
 
     mask: BlockMask
     num_frames: int

@@ -33,7 +33,7 @@ import torch
 from lvsa import telemetry
 from lvsa.engine import Engine
 from lvsa.integrations.joint import video_attention_with_text
-from lvsa.ops import default_scale, sdpa
+from lvsa.ops import cacheable, default_scale, sdpa
 from lvsa.presets import FAMILY_REFERENCE, PRESETS, WAN_TI2V
 
 BACKEND_NAME = "LVSA"
@@ -184,11 +184,14 @@ class ModelRuntime:
     def other_rows(self, start: int, length: int, seq_len: int, device) -> torch.Tensor:
         """Indices of the rows outside the video span ``start:start+length`` of a sequence of
         ``seq_len`` (text, padding): built once per (geometry, text length, device) and shared
-        by every layer and step of the model (a new geometry replaces the old ones)."""
+        by every layer and step of the model (a new geometry replaces the old ones). A normal
+        tensor even when first built under ``torch.inference_mode()``: a later call under
+        autograd indexes K/V with it (``index_select`` saves it for backward)."""
         key = (start, length, seq_len, torch.device(device))
         idx = self._other_rows.get(key)
         if idx is None:
-            idx = non_video_rows(start, length, seq_len, key[3])
+            with cacheable():
+                idx = non_video_rows(start, length, seq_len, key[3])
             with self._lock:
                 if len(self._other_rows) >= _ROW_INDEX_CACHE:
                     self._other_rows.clear()
