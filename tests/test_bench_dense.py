@@ -215,12 +215,39 @@ def test_choice_of_the_best_dense_kernel():
 
     from lvsa.bench import model as bm
 
-    fastest, order = bm.choose_dense({"cudnn": 11.6, "flash": 14.0, "fa4": 9.1})
+    fastest, order = bm.choose_dense({"cudnn": 11.6, "fa2": 14.0, "fa4": 9.1})
     assert fastest == "fa4" and order[:2] == [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
-    fastest, order = bm.choose_dense({"cudnn": 15.0, "flash": 14.0, "fa4": "n/a: not Hopper"})
-    assert fastest == "flash" and order[:2] == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    fastest, order = bm.choose_dense({"cudnn": 15.0, "fa2": 14.0, "fa4": "n/a: not Hopper"})
+    assert fastest == "fa2" and order[:2] == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    assert order[2:] == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     assert bm.choose_dense({"fa4": 3.0}, sdpa=False) == ("fa4", None)
     assert bm.choose_dense({"fa4": "RuntimeError: x"}, sdpa=False) == (None, None)
+
+
+def test_both_benches_name_each_dense_kernel_alike_and_read_the_old_name():
+    """bench attention's --dense kernels and bench model's probe share one name per kernel
+    (SDPA's FlashAttention-2 is ``fa2`` in both; bench model said ``flash``), one choice of
+    the fastest, one SDPA kernel per name; model results files that say ``flash`` still read."""
+    from torch.nn.attention import SDPBackend
+
+    from lvsa.bench import attention as ba, kernels, model as bm
+
+    assert ba.DENSE_KINDS == ("cudnn", "fa2", "fa4")
+    assert ba.DENSE_LABELS == {"dense_cudnn": "cuDNN", "dense_fa2": "FA2", "dense_fa4": "FA4 dense",
+                               "dense_sdpa": "SDPA"}   # the README tables' column names
+    ms = {"cudnn": 15.0, "fa2": 14.0, "fa4": "n/a: not Hopper"}
+    rec = {"results": {f"dense_{n}": ({"ms": t} if isinstance(t, float) else {"error": t}) for n, t in ms.items()}}
+    assert ba.fastest_dense(rec) == "dense_" + bm.choose_dense(ms)[0] == "dense_fa2"
+    # an older model file: FlashAttention-2 under its old name, read as fa2
+    old = {"cudnn": 15.0, "flash": 14.0}
+    assert bm.choose_dense(old)[1] == bm.choose_dense({"cudnn": 15.0, "fa2": 14.0})[1]
+    assert kernels.sdpa_backend("flash") is kernels.sdpa_backend("fa2") is SDPBackend.FLASH_ATTENTION
+    row = dict(title="Wan", T=21, batch=1, variants={"dense": {}})
+    lines = bm.dense_kernel_lines([dict(row, dense_kernel="flash", dense_kernels_ms=dict(old, fa4="n/a: sm_80")),
+                                   dict(row, T=81, dense_kernel="fa2", dense_kernels_ms={"cudnn": 15.0, "fa2": 14.0})])
+    assert lines[2:] == ["- Wan T21 B1: FlashAttention-2 (SDPA) (fa2 14.00 ms, cudnn 15.00 ms)",
+                         "- Wan T81 B1: FlashAttention-2 (SDPA) (fa2 14.00 ms, cudnn 15.00 ms)",
+                         "- not a candidate (Wan T21 B1): fa4: sm_80"]
 
 
 def test_probe_includes_fa4_dense_when_it_can_run(fa4_on_cpu):
@@ -288,7 +315,7 @@ def _agree_on_rank(rank, world):
 
     # each rank probed on its own: rank 1 found cuDNN fastest, rank 0 FA4; rank 1 alone can run FA4
     fa4_fn = (lambda *a: None) if rank in (0, 1) else None
-    ms = {"cudnn": 10.0 + rank * -5, "flash": 12.0, "fa4": 9.0 + rank * 10}
+    ms = {"cudnn": 10.0 + rank * -5, "fa2": 12.0, "fa4": 9.0 + rank * 10}
     probe = {"ms": ms, "fastest": min(ms, key=ms.get), "order": None, "fa4": None, "fa4_fn": fa4_fn,
              "sdpa": False}
     got = bm.agree_dense(SimpleNamespace(world=world), probe)

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import common
+from . import common, kernels
 
 P_DEFAULT = 1560
 D_DEFAULT = 128
@@ -160,7 +160,7 @@ def make_inputs(s: Shape, dtype, device, seed=0):
 
 
 #: ``--dense`` kernels: SDPA's cuDNN and FlashAttention-2 (forced), FlashAttention-4's dense forward
-DENSE_KINDS = ("cudnn", "fa2", "fa4")
+DENSE_KINDS = kernels.CHOICES
 
 
 class DenseUnavailable(Exception):
@@ -174,7 +174,7 @@ class DenseUnavailable(Exception):
 def dense_kinds(requested, device) -> List[str]:
     """The dense kernels a run times on ``device``: ``--dense``'s SDPA kernels on CUDA (the
     default SDPA elsewhere), then ``fa4`` when asked for (it says itself where it cannot run)."""
-    sdpa = [k_ for k_ in requested if k_ in ("cudnn", "fa2")] if device.type == "cuda" else ["sdpa"]
+    sdpa = [k_ for k_ in requested if k_ in kernels.SDPA_FORCED] if device.type == "cuda" else ["sdpa"]
     return sdpa + (["fa4"] if "fa4" in requested else [])
 
 
@@ -182,8 +182,6 @@ def dense_fn(kind, q, k, v, tk, tv):
     """A call of dense kernel ``kind`` (``sdpa``, ``cudnn``, ``fa2``, ``fa4``): every query
     over the video and text keys (text appended to the keys before, not timed);
     :class:`DenseUnavailable` when ``fa4`` cannot run here."""
-    import torch.nn.functional as F
-
     if tk is not None:
         k = torch.cat([k, tk], 1)
         v = torch.cat([v, tv], 1)
@@ -192,19 +190,7 @@ def dense_fn(kind, q, k, v, tk, tv):
         if why:
             raise DenseUnavailable(why)
         return lambda: fn(q, k, v)
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = kt.shape[1] != qt.shape[1]
-    if kind == "sdpa":
-        return lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}[kind]
-
-    def fn():
-        with sdpa_kernel(which):
-            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
-
-    return fn
+    return kernels.sdpa_call(kind, q, k, v)
 
 
 def bench_shape(s: Shape, backends, args, triton_configs, device, dtype, oracle=None):
@@ -359,8 +345,8 @@ def reference_output(oracle, mask, problem, q, k, v, tk, tv, device):
 
 def fastest_dense(rec) -> Optional[str]:
     """The record's fastest dense kernel (``dense_<kind>``; ``None``: no dense time)."""
-    dense = {k_: r["ms"] for k_, r in (rec.get("results") or {}).items() if k_.startswith("dense_") and r.get("ms")}
-    return min(dense, key=dense.get) if dense else None
+    return kernels.fastest({k_: r.get("ms") for k_, r in (rec.get("results") or {}).items()
+                            if k_.startswith("dense_")})
 
 
 def set_ideal(rec) -> None:
@@ -423,7 +409,7 @@ def selfcheck(backends) -> list:  # CUDA only
 
 
 #: dense kernels of a record (``dense_<kind>``) and their column labels, in column order
-DENSE_LABELS = {"dense_cudnn": "cuDNN", "dense_fa2": "FA2", "dense_fa4": "FA4 dense", "dense_sdpa": "SDPA"}
+DENSE_LABELS = {f"dense_{n}": label for n, (label, _) in kernels.KERNELS.items()}
 
 
 def is_backend(name: str) -> bool:

@@ -9,7 +9,7 @@ as with classifier-free guidance batched), one transformer forward is timed for:
   HunyuanVideo 1.5 that path attends with an S x S padding mask);
 * ``dense`` — the *best dense* baseline: lvsa's processor at full density (no S x S mask,
   valid text keys merged) on the fastest dense kernel of the card, probed per row: SDPA's
-  cuDNN or FlashAttention, or FlashAttention-4's dense forward where the ``fa4`` backend
+  cuDNN or FlashAttention-2, or FlashAttention-4's dense forward where the ``fa4`` backend
   can run (the record's ``dense_kernel``; ``dense_kernels_ms`` has every candidate's time
   or why it was not one);
 * one row per lvsa backend (``flashinfer``, ``triton``, ``reference``, ``ascend`` … every
@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import dispatch
-from . import common
+from . import common, kernels
 from . import rows as row_merge
 from .rows import BASELINES, summarize_row
 from .specs import FULL, QUICK, SPECS, ModelSpec, get_spec, spec_from_dir
@@ -185,12 +185,12 @@ def time_self_attention(timer: common.RegionTimer, video_tokens: int, engine=Non
 # --------------------------------------------------------------- dense kernels
 def probe_dense_kernels(spec: ModelSpec, T: int, batch: int, device, dtype) -> Dict[str, Any]:
     """Time one dense self-attention call of this row's shape (``[B, S, H, D]`` tensors,
-    as lvsa's processor passes them) on each fast dense kernel: SDPA's cuDNN and
-    FlashAttention on CUDA, and FlashAttention-4's dense forward wherever the ``fa4``
-    backend says it can run. Returns ``ms`` (each kernel's time, or why it did not run:
-    ``n/a: <the fa4 backend's reasons>``, an error), ``fastest`` (``cudnn``, ``flash`` or
-    ``fa4``; ``None`` when nothing was timed), ``order`` (SDPA's kernels, fastest first, for
-    every SDPA call of the row), ``fa4`` (FA4's dense function when it is the fastest:
+    as lvsa's processor passes them) on each fast dense kernel (:mod:`lvsa.bench.kernels`,
+    the names ``bench attention --dense`` uses): SDPA's ``cudnn`` and ``fa2`` on CUDA, and
+    FlashAttention-4's dense forward ``fa4`` wherever the ``fa4`` backend says it can run.
+    Returns ``ms`` (each kernel's time, or why it did not run: ``n/a: <the fa4 backend's
+    reasons>``, an error), ``fastest`` (the fastest's name; ``None`` when nothing was
+    timed), ``order`` (SDPA's kernels, fastest first, for every SDPA call of the row), ``fa4`` (FA4's dense function when it is the fastest:
     lvsa's dense calls then run through it, :func:`dense_kernel`) and ``fa4_why`` (why FA4
     cannot run here; in ``ms`` too on a CUDA GPU, where it is a candidate worth naming)."""
     dev = torch.device(device)
@@ -205,21 +205,7 @@ def probe_dense_kernels(spec: ModelSpec, T: int, batch: int, device, dtype) -> D
                 "fa4_why": why}
     q = torch.randn(batch, S, H, D, device=dev, dtype=dtype)
     k, v = torch.randn_like(q), torch.randn_like(q)
-    calls = {}
-    if sdpa:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        import torch.nn.functional as F
-
-        kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-
-        def sdpa_call(kind):
-            def call():
-                with sdpa_kernel(kind):
-                    return F.scaled_dot_product_attention(qt, kt, vt)
-            return call
-
-        calls = {n: sdpa_call(kind) for n, kind in kinds.items()}
+    calls = {n: kernels.sdpa_call(n, q, k, v) for n in kernels.SDPA_FORCED} if sdpa else {}
     if fa4 is not None:
         calls["fa4"] = functools.partial(fa4, q, k, v)
     for name, call in calls.items():
@@ -260,17 +246,7 @@ def choose_dense(ms: Dict[str, Any], sdpa: bool = True):
     """``(fastest, order)`` from the probe's times ``ms`` (a kernel's milliseconds, or a
     string: why it did not run): the fastest timed kernel (``None``: none was timed) and,
     with ``sdpa``, SDPA's priority list: its timed kernels fastest first, then the others."""
-    timed = sorted((t, n) for n, t in ms.items() if isinstance(t, (int, float)) and not isinstance(t, bool))
-    fastest = timed[0][1] if timed else None
-    if not sdpa:
-        return fastest, None
-    from torch.nn.attention import SDPBackend
-
-    kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
-    order = [kinds[n] for _, n in timed if n in kinds]
-    order += [k_ for k_ in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                            SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k_ not in order]
-    return fastest, order
+    return kernels.fastest(ms), (kernels.sdpa_order(ms) if sdpa else None)
 
 
 @contextlib.contextmanager
@@ -648,10 +624,6 @@ def markdown(meta: Dict[str, Any], records: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: names of the dense kernels of the probe (``rec["dense_kernel"]``)
-DENSE_KERNEL_NAMES = {"cudnn": "cuDNN (SDPA)", "flash": "FlashAttention (SDPA)", "fa4": "FlashAttention-4 dense"}
-
-
 def dense_kernel_lines(records: List[Dict[str, Any]]) -> List[str]:
     """Which dense kernel the *best dense* row of each record ran on and the probe's times
     (every candidate, or why it was not one)."""
@@ -661,13 +633,13 @@ def dense_kernel_lines(records: List[Dict[str, Any]]) -> List[str]:
         timed = sorted((t, n) for n, t in ms.items() if isinstance(t, (int, float)))
         for n, t in ms.items():
             if isinstance(t, str):
-                why.setdefault(f"{n}: {t[5:] if t.startswith('n/a: ') else t}", []).append(
+                why.setdefault(f"{kernels.canonical(n)}: {t[5:] if t.startswith('n/a: ') else t}", []).append(
                     f"{rec['title']} T{rec['T']} B{rec['batch']}")
         if rec.get("dense_kernel") or timed:
             best = rec.get("dense_kernel")
             rows.append(f"- {rec['title']} T{rec['T']} B{rec['batch']}: "
-                        f"{DENSE_KERNEL_NAMES.get(best, best or 'none timed')} ("
-                        + ", ".join(f"{n} {t:.2f} ms" for t, n in timed) + ")")
+                        f"{kernels.prose(best) or 'none timed'} ("
+                        + ", ".join(f"{kernels.canonical(n)} {t:.2f} ms" for t, n in timed) + ")")
     if not rows and not why or not any("dense" in (rec.get("variants") or {}) for rec in records):
         return []   # nothing probed, or no row ran the best dense baseline
     out = ["", "Best dense kernel per row (`dense` ran on the fastest of one timed dense self-attention call "
