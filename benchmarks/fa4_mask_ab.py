@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -150,8 +151,22 @@ def text_pass(be, mask, problem, q, k, v, tk, tv, scale, iters, fa):
     return res
 
 
+def choose(records) -> str:
+    """The kind to ship: ``mulhi`` where it ran at every shape, gave the table kind's output bit
+    for bit, was faster on the geometric mean and at no shape more than 1 % slower; else ``table``."""
+    speeds = []
+    for rec in records:
+        r = rec["variants"].get("mulhi", {})
+        if not rec.get("mulhi_equals_table") or "speed_vs_table" not in r:
+            return "table"
+        speeds.append(r["speed_vs_table"])
+    gm = math.exp(sum(map(math.log, speeds)) / len(speeds)) if speeds else 0.0
+    return "mulhi" if gm > 1.0 and min(speeds) >= 0.99 else "table"
+
+
 def markdown(meta, records):
     lines = [f"# fa4 mask_mod A/B ({meta['device']})", "", f"Command: `{meta['command']}`", "",
+             f"Kind to ship (`choose()`): **{meta['choice']}**", "",
              "ms (median of %d), effective TFLOP/s, speed vs `table`; `true` and `nomask` give wrong "
              "outputs on purpose (bounds)." % meta["iters"], "",
              "| shape | partial tiles | " + " | ".join(VARIANTS) + " | mulhi == table |",
@@ -179,6 +194,7 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="*", default=SHAPES)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--choice-file", help="write the kind to ship (see choose()) to this file")
     args = p.parse_args(argv)
     from lvsa_cuda import fa4_backend as fa
 
@@ -190,7 +206,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "command": "python3 benchmarks/fa4_mask_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "iters": args.iters, "torch": torch.__version__, "fa4": fa._fa4_version()}
+            "iters": args.iters, "torch": torch.__version__, "fa4": fa._fa4_version(), "choice": choose(records)}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"fa4-mask-ab-{args.tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     with open(base + ".json", "w") as f:
@@ -198,6 +214,9 @@ def main(argv=None):
     with open(base + ".md", "w") as f:
         f.write(markdown(meta, records))
     print(markdown(meta, records))
+    if args.choice_file:
+        with open(args.choice_file, "w") as f:
+            f.write(meta["choice"])
     return records
 
 
