@@ -120,6 +120,15 @@ def merge_lse(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
     return out, m + torch.log(den)
 
 
+def append_text(k, v, text_k=None, text_v=None):
+    """``(k, v)`` with the text keys and values appended after the video tokens (dim 1):
+    the joint key sequence of a query that attends every text key. ``k`` and ``v``
+    themselves (no copy) when there is no text (``None``, or no tokens)."""
+    if text_k is None or text_k.shape[1] == 0:
+        return k, v
+    return torch.cat([k, text_k], dim=1), torch.cat([v, text_v], dim=1)
+
+
 def sdpa(q, k, v, scale, attn_mask=None):
     """SDPA over ``[B, S, H, D]`` tensors with GQA; returns ``[B, S, H, D]``."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -173,10 +182,7 @@ def dense_attention(q, k, v, text_k=None, text_v=None, scale=None):
     fn = _dense_kernel.get() if _dense_blocks else None
     if fn is not None:
         return fn(q, k, v, text_k, text_v, scale)
-    if text_k is not None:
-        k = torch.cat([k, text_k], dim=1)
-        v = torch.cat([v, text_v], dim=1)
-    return sdpa(q, k, v, scale)
+    return sdpa(q, *append_text(k, v, text_k, text_v), scale)
 
 
 def attention_lse(q, k, v, scale):

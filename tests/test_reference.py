@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import lvsa
-from lvsa.ops import LVSAInputError, attention_lse, merge_lse, sdpa
+from lvsa.ops import LVSAInputError, append_text, attention_lse, dense_attention, merge_lse, sdpa
 from lvsa.schedule import plan_schedule
 
 
@@ -94,6 +94,25 @@ def test_merge_lse_is_exact():
     # an empty side (lse = -inf) leaves the other untouched
     o2, l2 = merge_lse(o_a, l_a, torch.zeros_like(o_a), torch.full_like(l_a, float("-inf")))
     assert torch.allclose(o2, o_a.float()) and torch.allclose(l2, l_a)
+
+
+def test_text_keys_go_after_the_video_keys_and_no_text_is_no_copy():
+    """The one joint key sequence (video keys, then text keys) of lvsa.ops.append_text, which
+    the dense path, the reference and the bench's dense kernels attend; no text (None or zero
+    tokens) leaves K/V as they are, and attends exactly as no text does."""
+    mask, q, k, v, tk, tv = _ok()
+    jk, jv = append_text(k, v, tk, tv)
+    assert jk.shape[1] == k.shape[1] + tk.shape[1]
+    assert torch.equal(jk[:, :k.shape[1]], k) and torch.equal(jk[:, k.shape[1]:], tk)
+    assert torch.equal(jv[:, :v.shape[1]], v) and torch.equal(jv[:, v.shape[1]:], tv)
+    none = tk[:, :0], tv[:, :0]
+    for text in ((None, None), none):
+        got = append_text(k, v, *text)
+        assert got[0] is k and got[1] is v
+    assert torch.equal(dense_attention(q, k, v, *none), dense_attention(q, k, v))
+    assert torch.equal(lvsa.attention(q, k, v, mask, *none, backend="reference"),
+                       lvsa.attention(q, k, v, mask, backend="reference"))
+    torch.testing.assert_close(dense_attention(q, k, v, tk, tv), sdpa(q, jk, jv, q.shape[-1] ** -0.5))
 
 
 # ------------------------------------------------------------------------ bad input

@@ -17,7 +17,7 @@ import torch
 from ..backend import Backend
 from ..hookspecs import hookimpl
 from ..mask import BlockMask
-from ..ops import default_scale, sdpa
+from ..ops import append_text, default_scale, sdpa
 
 
 def frame_groups(mask: BlockMask) -> List[Tuple[int, int, Tuple[int, ...]]]:
@@ -88,9 +88,7 @@ class ReferenceBackend(Backend):
                 idx = idx.to(q.device, non_blocking=True)
                 kk = k5.index_select(1, idx).reshape(B, len(row) * P, Hkv, D)
                 vv = v5.index_select(1, idx).reshape(B, len(row) * P, Hkv, D)
-            if text_k is not None:
-                kk = torch.cat([kk, text_k], dim=1)
-                vv = torch.cat([vv, text_v], dim=1)
+            kk, vv = append_text(kk, vv, text_k, text_v)
             g0, g1 = first * P, (last + 1) * P
             if (a, b) == (g0, g1):
                 out[:, a - lo:b - lo] = sdpa(q[:, a - lo:b - lo], kk, vv, scale)

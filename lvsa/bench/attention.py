@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from ..ops import append_text
 from . import common, kernels
 
 P_DEFAULT = 1560
@@ -182,9 +183,7 @@ def dense_fn(kind, q, k, v, tk, tv):
     """A call of dense kernel ``kind`` (``sdpa``, ``cudnn``, ``fa2``, ``fa4``): every query
     over the video and text keys (text appended to the keys before, not timed);
     :class:`DenseUnavailable` when ``fa4`` cannot run here."""
-    if tk is not None:
-        k = torch.cat([k, tk], 1)
-        v = torch.cat([v, tv], 1)
+    k, v = append_text(k, v, tk, tv)
     if kind == "fa4":
         fn, why = common.fa4_dense(q.device, q.dtype, q.shape[0], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
         if why:

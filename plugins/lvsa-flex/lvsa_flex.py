@@ -27,7 +27,7 @@ import torch
 from lvsa.backend import Backend
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
-from lvsa.ops import default_scale
+from lvsa.ops import append_text, default_scale
 
 __version__ = "0.1.0"
 
@@ -138,9 +138,7 @@ class FlexBackend(Backend):
                             f"got {type(handle).__name__}")
         if (handle.S, handle.L) != (S, L):
             raise ValueError(f"flex plan was made for S={handle.S}, text={handle.L}; got S={S}, text={L}")
-        if L:
-            k = torch.cat([k, text_k], dim=1)
-            v = torch.cat([v, text_v], dim=1)
+        k, v = append_text(k, v, text_k, text_v)
         scale = default_scale(D) if scale is None else float(scale)
         fn = _compiled_flex() if q.is_cuda else _flex_modules().flex_attention
         out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

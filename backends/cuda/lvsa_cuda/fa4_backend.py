@@ -42,7 +42,7 @@ import torch
 from lvsa_cuda import CudaBackend, check_plan, concrete_device, device_guard, dist_version, import_error
 from lvsa.hookspecs import hookimpl
 from lvsa.mask import BlockMask
-from lvsa.ops import default_scale
+from lvsa.ops import append_text, default_scale
 
 LN2 = math.log(2.0)
 #: FA4's SM90 forward tile for head_dim 64/128 under block sparsity (query rows, keys)
@@ -324,9 +324,7 @@ class FA4Backend(CudaBackend):
         mask and no block sparsity; ``scale`` default ``1/sqrt(D)``. The same function as
         :func:`lvsa.ops.dense_attention`: the dense baseline ``lvsa bench`` compares with
         (``--dense fa4``; the best dense of ``bench model`` when it is the fastest)."""
-        if text_k is not None and text_k.shape[1]:
-            k = torch.cat([k, text_k], 1)
-            v = torch.cat([v, text_v], 1)
+        k, v = append_text(k, v, text_k, text_v)
         scale = default_scale(q.shape[-1]) if scale is None else float(scale)
         with device_guard(q.device):
             res = dense_func()(q, k, v, softmax_scale=scale)
