@@ -21,7 +21,7 @@ KERNELS: Dict[str, Tuple[str, str]] = {
 }
 #: the kernels one asks for (``bench attention --dense``): SDPA's forced ones, then FA4's
 CHOICES = ("cudnn", "fa2", "fa4")
-#: the SDPA kernels forced by name, in SDPA's default priority
+#: the SDPA kernels forced by name
 SDPA_FORCED = ("cudnn", "fa2")
 #: names in older results files
 OLD_NAMES = {"flash": "fa2"}
@@ -30,12 +30,6 @@ OLD_NAMES = {"flash": "fa2"}
 def canonical(name: Optional[str]) -> Optional[str]:
     """The kernel's one name (a results file's older name read as today's)."""
     return OLD_NAMES.get(name, name) if name is not None else None
-
-
-def label(name: Optional[str]) -> Optional[str]:
-    """The kernel's column label (``FA2``); an unknown name as given."""
-    n = canonical(name)
-    return KERNELS[n][0] if n in KERNELS else name
 
 
 def prose(name: Optional[str]) -> Optional[str]:
@@ -64,7 +58,7 @@ def sdpa_backend(name: str):
 
 def sdpa_order(times: Mapping[str, Any]) -> List[Any]:
     """SDPA's priority list for a row: its forced kernels that were timed, fastest first,
-    then every other SDPA kernel in SDPA's default order."""
+    then the others (cuDNN, FlashAttention-2, memory-efficient, math)."""
     from torch.nn.attention import SDPBackend
 
     timed = sorted((t, canonical(n)) for n, t in times.items() if _time(t) and canonical(n) in SDPA_FORCED)
