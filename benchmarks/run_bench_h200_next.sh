@@ -7,30 +7,24 @@
 #     (run_bench_h200_rows.sh on 11-30 had no lvsa-flex on the device and no Wan 14B batch-2 shape);
 #  2. `lvsa bench model`: dense on one GPU at Wan 14B T_lat 121 batch 2 (diffusers' own attention;
 #     the 1-GPU column of the 2-GPU table) with fa4.
-# Stage `attention` (second argument) runs step 1 only. When `verify_fa4.sh TAG ab` ran before on this
-# machine, its A/B (benchmarks/fa4_mask_ab.py) left the faster exact mask_mod kind in
-# .gpu-site/fa4-mask-kind: this call's copy of the fa4 backend then uses that kind (MASK_KIND), and
-# the log says so (the repository's default is set to the same kind with the results).
-#   device run --carry .whl .gpu: bash benchmarks/run_bench_h200_next.sh [TAG] [all|attention]
+# Stage `attention` (second argument) runs step 1 only; stage `hy81` runs step 1 at HunyuanVideo 1.5's
+# T_lat 81 shapes with text (batch 1 and 2) only.
+#   device run --carry .whl .gpu: bash benchmarks/run_bench_h200_next.sh [TAG] [all|attention|hy81]
 set -uo pipefail
 tag=${1:-next}
 stage=${2:-all}
-case "$stage" in all|attention) ;; *) echo "unknown stage '$stage': all or attention" >&2; exit 2;; esac
-if [ -f .gpu-site/fa4-mask-kind ]; then
-  kind=$(cat .gpu-site/fa4-mask-kind)
-  case "$kind" in table|mulhi) sed -i "s/^MASK_KIND = .*/MASK_KIND = \"$kind\"/" backends/cuda/lvsa_cuda/fa4_backend.py ;;
-    *) echo "unknown kind '$kind' in .gpu-site/fa4-mask-kind" >&2; exit 2;; esac
-fi
+case "$stage" in all|attention|hy81) ;; *) echo "unknown stage '$stage': all, attention or hy81" >&2; exit 2;; esac
+shapes="wan1.3b-t81 wan1.3b-t121 wan14b-t81 hy-t65-text wan1.3b-t81-b2 hy-t65-text-b2 wan14b-t81-b2 wan1.3b-t121-b2"
+[ "$stage" = hy81 ] && shapes="hy-t81-text hy-t81-text-b2"
 source benchmarks/device_setup.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e plugins/lvsa-flex || exit 1
 source benchmarks/fa4_setup.sh
-echo "[run] fa4: ${fa4:-absent}, $(grep '^MASK_KIND = ' backends/cuda/lvsa_cuda/fa4_backend.py)" | tee -a "$out/bench-$tag.log"
+echo "[run] fa4: ${fa4:-absent}" | tee -a "$out/bench-$tag.log"
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=12 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
 timeout $([ "$stage" = all ] && echo 300 || echo 480) python3 -m lvsa bench attention --out "$out" --tag "$tag" --no-progress \
   --backends fa4 flashinfer triton flex --dense cudnn --flex-shapes all --iters 5 \
-  --shapes wan1.3b-t81 wan1.3b-t121 wan14b-t81 hy-t65-text wan1.3b-t81-b2 hy-t65-text-b2 wan14b-t81-b2 wan1.3b-t121-b2 \
-  2>&1 | tail -30 | tee -a "$out/bench-$tag.log"
+  --shapes $shapes 2>&1 | tail -30 | tee -a "$out/bench-$tag.log"
 left=$(( 540 - ($(date +%s) - start) ))
 [ "$stage" = all ] && timeout -s INT $(( left > 20 ? left : 20 )) python3 -m lvsa bench model --out "$out" --tag "$tag-1gpu" --no-progress \
   --models wan2.1-14b:121@2 --baselines diffusers --backends fa4 --warmup 1 --repeats 1 --budget-s 999 \

@@ -5,12 +5,9 @@
 # shapes (issue 12 named flashinfer, triton and the reference, checked on 11-29; fa4 came after).
 # Carries .fa4 (as verify_fa4.sh); it is extracted into .gpu-site/, which the warm machine keeps
 # for the next call: run_bench_h200x2_next.sh then adds fa4 to its transformer check and model rows.
-# With a second argument `ab`, then the fa4 mask_mod A/B on GPU 0 (benchmarks/fa4_mask_ab.py, ~1.5 min):
-# an H200 is an H200, and this call has the minutes that a separate one-GPU call would spend starting.
-#   device run --kind nvidia-h200-x2 --carry .fa4: bash benchmarks/run_cp_fa4_x2.sh [TAG] [ab]
+#   device run --kind nvidia-h200-x2 --carry .fa4: bash benchmarks/run_cp_fa4_x2.sh [TAG]
 set -uo pipefail
 tag=${1:-x2fa4}
-ab=${2:-}
 start=$(date +%s)
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -24,8 +21,4 @@ nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --form
 timeout 400 torchrun --nproc-per-node 2 benchmarks/cp_check.py --shapes wan1.3b-t81 hy1.5-t65-text256 \
   --backends fa4 --transformer none --time 3 --out "$out" --tag "$tag" 2>&1 \
   | grep -v Warning | tail -25 | tee -a "$log"
-if [ "$ab" = ab ]; then
-  CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/fa4_mask_ab.py --tag "$tag" --out "$out" 2>&1 \
-    | grep -v Warning | tail -30 | tee -a "$log"
-fi
 echo "[run] total $(( $(date +%s) - start ))s" | tee -a "$log"

@@ -7,8 +7,7 @@
 # (+ libs-base, libs-core, libs-cu13), quack-kernels, torch-c-dlpack-ext, einops, apache-tvm-ffi
 # (pip download --python-version 3.12 --only-binary=:all:, unzipped; benchmarks/NOTES.md). It is
 # extracted into .gpu-site/ (git-ignored), which the device keeps for the next call while warm.
-# Second argument `ab`: instead of the attention benchmark, the mask_mod A/B (benchmarks/fa4_mask_ab.py),
-# which leaves the faster exact kind in .gpu-site/fa4-mask-kind for run_bench_h200_next.sh.
+# Second argument `ab`: instead of the attention benchmark, the mask_mod A/B (benchmarks/fa4_mask_ab.py).
 #   device run --carry .fa4: bash benchmarks/verify_fa4.sh [TAG] [bench|ab]
 set -uo pipefail
 tag=${1:-fa4}
@@ -37,8 +36,7 @@ echo "[run] GPU tests (incl. FA4 compiles) $(( $(date +%s) - t0 ))s" | tee -a "$
 timeout 120 python3 -m lvsa.testing fa4 --device cuda 2>&1 | tail -30 | tee -a "$log"
 left=$(( 540 - ($(date +%s) - start) ))
 if [ "$stage" = ab ]; then
-  timeout -s INT $(( left + 10 )) python3 benchmarks/fa4_mask_ab.py --tag "$tag" --out "$out" \
-    --choice-file .gpu-site/fa4-mask-kind 2>&1 | grep -v Warning | tail -30 | tee -a "$log"
+  timeout -s INT $(( left + 10 )) python3 benchmarks/fa4_mask_ab.py --tag "$tag" --out "$out" 2>&1 | grep -v Warning | tail -30 | tee -a "$log"
 else
 timeout -s INT $(( left + 10 )) python3 -m lvsa bench attention --out "$out" --tag "$tag" --no-progress \
   --backends fa4 triton reference --dense cudnn --flex-shapes none --iters 5 --budget-s "$left" \

@@ -7,7 +7,6 @@ key tile is skipped; rows/keys past the sequence are masked; the LSE is natural-
 The ``mask_mod`` here is the backend's torch twin of its CuTe function
 (:func:`lvsa_cuda.fa4_backend.frame_mask_torch`), so the backend's tables and aux tensors
 are what decide the result. The fixture :func:`fake_fa4` installs it."""
-import functools
 from typing import NamedTuple, Optional, Tuple
 
 import pytest
@@ -44,7 +43,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, mask_mod=None, aux_tensors=None
         assert t.shape[0] in (1, B) and t.shape[1] in (1, H) and t.shape[2] == M, (name, t.shape, M)
         if nd == 4:
             assert t.shape[3] <= N, name
-    calls.append(dict(block_size=(tm, tn), aux=[a.shape for a in aux_tensors], mask_kind=getattr(mask_mod, "keywords", {}).get("kind")))
+    calls.append(dict(block_size=(tm, tn), aux=[a.shape for a in aux_tensors]))
     allowed = torch.zeros(B, H, Sq, Sk, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
@@ -69,23 +68,12 @@ def _attend(q, k, v, allowed, softmax_scale, return_lse):
     return out, (lse.float() if return_lse else None)
 
 
-def standin_mask_mod(kind):
-    """The torch twin of the backend's CuTe ``mask_mod(kind)``."""
-    return functools.partial(fa4_backend().frame_mask_torch, kind=kind)
-
-
-def fa4_backend():
-    from lvsa_cuda import fa4_backend as fa
-
-    return fa
-
-
 @pytest.fixture
 def fake_fa4(monkeypatch):
     from lvsa_cuda import fa4_backend as fa
 
     calls.clear()
-    monkeypatch.setattr(fa, "kernel", lambda: (flash_attn_func, StandinBST, standin_mask_mod))
+    monkeypatch.setattr(fa, "kernel", lambda: (flash_attn_func, StandinBST, fa.frame_mask_torch))
     monkeypatch.setattr(fa, "dense_func", lambda: flash_attn_func)
     monkeypatch.setattr(fa, "_import_error", lambda: None)
     monkeypatch.setattr(fa.FA4Backend, "missing_packages", lambda self: [])

@@ -18,39 +18,30 @@ def _expand(t: fa.TileTables, n: int, S: int) -> torch.Tensor:
     """Token-level picture of the tables: full tiles all True, partial tiles the mask_mod."""
     tm, tn = t.tile
     out = torch.zeros(n, S, dtype=torch.bool)
+    aux = (t.q_frame, t.k_frame, t.allowed)
     for m in range(t.mask_cnt.shape[-1]):
         rows = torch.arange(m * tm, min((m + 1) * tm, n))
         for j in t.full_idx[0, 0, m, :int(t.full_cnt[0, 0, m])].tolist():
             out[rows[0]:rows[-1] + 1, j * tn:min((j + 1) * tn, S)] = True
         for j in t.mask_idx[0, 0, m, :int(t.mask_cnt[0, 0, m])].tolist():
             cols = torch.arange(j * tn, min((j + 1) * tn, S))
-            out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = fa.frame_mask_torch(rows, cols, t.aux(), t.kind)
+            out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = fa.frame_mask_torch(rows, cols, aux)
     return out
 
 
-@pytest.mark.parametrize("kind", fa.MASK_KINDS)
 @pytest.mark.parametrize("T,P,tile,rows,mode", [
     (5, 1560, (128, 128), None, 1),       # Wan's P (not a multiple of any tile), FA4's tile
     (7, 12, (8, 4), (17, 61), 1),         # query rows cut inside frames
     (6, 5, (8, 8), None, 0),              # tiles wider than a frame (up to 3 frames per tile)
     (9, 13, (16, 16), (0, 117), 2),
 ])
-def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode, kind):
+def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode):
     mask = plan_schedule(T, W=1, n=1, reference=3).mask(mode)
     S = T * P
     lo, hi = rows or (0, S)
-    t = fa.tile_tables(mask, P, rows, tile, kind=kind)
-    assert t.kind == kind
+    t = fa.tile_tables(mask, P, rows, tile)
     want = mask.to_dense("token", tokens_per_frame=P)[lo:hi]
     assert torch.equal(_expand(t, hi - lo, S), want)
-    # the kernel evaluates the mask_mod on padded rows/keys too (then masks them): every
-    # index it can pass stays inside the aux tables
-    tm, tn = tile
-    M, N = t.mask_cnt.shape[-1], -(-S // tn)
-    assert t.q_frame.numel() == M * tm and int(t.q_frame.max()) < t.allowed.shape[0]
-    n = torch.arange(N * tn)
-    fk = t.k_frame[n] if kind == "table" else (n * int(t.k_div[0])) >> 32
-    assert int(fk.max()) < t.allowed.shape[1] and t.allowed[:, T:].eq(0).all()
     tm, tn = tile
     # full tiles are entirely attended, partial tiles mixed, absent tiles entirely masked
     for m in range(t.full_cnt.shape[-1]):
@@ -68,30 +59,6 @@ def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode, kind):
                 assert not block.any()
     full, partial, total = t.counts
     assert total == t.full_cnt.shape[-1] * -(-S // tn) and full + partial <= total
-
-
-@pytest.mark.parametrize("P", [3, 5, 7, 12, 33, 1000, 1350, 1560, 3600, 65535, 2 ** 20 + 7])
-def test_mulhi_is_floor_division_wherever_it_is_called_exact(P):
-    """The multiply-high the ``mulhi`` mask_mod computes is ``n // P`` for every key index
-    ``mulhi_exact`` admits: all of them up to 2^22, then the last 2^20 and every multiple
-    of P (and one below) up to the bound; past the bound the tables fall back to ``table``."""
-    keys = 2 ** 32 // P
-    assert fa.mulhi_exact(P, keys) and not fa.mulhi_exact(P, keys + P)
-    m = -(-2 ** 32 // P)
-    assert 0 < m < 2 ** 31
-    hi = min(keys, 2 ** 22)
-    top = torch.arange(max(keys - 2 ** 20, 0), keys, dtype=torch.int64)
-    mult = torch.arange(1, keys // P + 1, max(1, keys // P // 2 ** 20), dtype=torch.int64) * P
-    for n in (torch.arange(hi, dtype=torch.int64), top, mult, mult - 1):
-        assert torch.equal((n * m) >> 32, n // P)
-    assert not fa.mulhi_exact(2, 10) and not fa.mulhi_exact(1, 10)   # multiplier past an int32
-    mask = plan_schedule(4, W=1, n=1, reference=3).mask(0)
-    assert fa.tile_tables(mask, 2, tile=(8, 8), kind="mulhi").kind == "table"
-
-
-def test_unknown_mask_kind_is_refused():
-    with pytest.raises(ValueError, match="unknown fa4 mask kind 'bits': one of table, mulhi"):
-        fa.tile_tables(plan_schedule(4, W=1, n=1, reference=3).mask(0), 5, kind="bits")
 
 
 def test_tables_at_wan_size_are_mostly_full_tiles():
@@ -157,7 +124,7 @@ def test_tables_on_each_device_match_a_per_tile_reference(device, T, P, tile, ro
         assert torch.equal(got.cpu(), ref), name
     assert t.counts == counts
     cpu = fa.tile_tables(mask, P, rows, tile)     # the CPU build: identical, bit for bit
-    for name in ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed", "k_div"):
+    for name in ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed"):
         assert torch.equal(getattr(t, name).cpu(), getattr(cpu, name)), name
 
 
@@ -218,7 +185,6 @@ def test_compile_key_follows_what_fa4_compiles_for(monkeypatch):
     monkeypatch.setattr(fa, "dist_version", lambda *d: "4.0.0b36")
     be = fa.FA4Backend()
     key = lambda **kw: be.compile_key(_problem(**kw))  # noqa: E731
-    monkeypatch.setattr(fa, "MASK_KIND", "table")
     assert key(batch=1, text_len=0) == "bfloat16 head_dim=128 sm_90 fa4 4.0.0b36"
     assert key(batch=2, text_len=256) == "bfloat16 head_dim=128 +text batch>1 sm_90 fa4 4.0.0b36"
     assert key(batch=3) == key(batch=2) != key(batch=1)
@@ -226,10 +192,6 @@ def test_compile_key_follows_what_fa4_compiles_for(monkeypatch):
         num_heads=16, num_kv_heads=2)
     assert "heads=1" in key(num_heads=1, num_kv_heads=1)
     assert key(compute_capability=(10, 0)) != key()
-    # the mask_mod kind is compiled in: the key names it where the plan's tables use it
-    monkeypatch.setattr(fa, "MASK_KIND", "mulhi")
-    assert key(batch=1, text_len=0) == "bfloat16 head_dim=128 mask=mulhi sm_90 fa4 4.0.0b36"
-    assert "mask=" not in key(T=2, seq_len=2 * 2 ** 17)    # not exact there: the tables are table's
 
 
 def test_blackwell_tables_use_fa4s_256_row_query_blocks():
@@ -243,11 +205,9 @@ def test_blackwell_tables_use_fa4s_256_row_query_blocks():
     assert be.tile_for(_problem(compute_capability=(10, 3))) == (16, 8)
 
 
-@pytest.mark.parametrize("kind", fa.MASK_KINDS)
 @pytest.mark.parametrize("B,H,Hkv,L,D,tile", [(2, 4, 2, 5, 16, (8, 8)), (1, 2, 2, 0, 8, (128, 128)),
                                               (2, 2, 1, 3, 16, (16, 8))])
-def test_plan_and_run_against_the_reference(fake_fa4, monkeypatch, B, H, Hkv, L, D, tile, kind):
-    monkeypatch.setattr(fa, "MASK_KIND", kind)
+def test_plan_and_run_against_the_reference(fake_fa4, B, H, Hkv, L, D, tile):
     T, P = 7, 12
     mask = plan_schedule(T, 1, 1, 3).mask(1)
     g = torch.Generator().manual_seed(B * 10 + H + D)
@@ -260,7 +220,7 @@ def test_plan_and_run_against_the_reference(fake_fa4, monkeypatch, B, H, Hkv, L,
     out = be.run(plan, q, k, v, tk, tv)
     ref = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv)
     assert torch.allclose(out, ref, atol=2e-5)
-    assert fake_fa4[-1]["block_size"] == tile and fake_fa4[-1]["mask_kind"] == kind
+    assert fake_fa4[-1]["block_size"] == tile
     out2 = be.run(plan, q, k, v, tk, tv, scale=0.1)
     ref2 = ReferenceBackend().run(ReferenceBackend().plan(mask, None), q, k, v, tk, tv, scale=0.1)
     assert torch.allclose(out2, ref2, atol=2e-5)
@@ -332,9 +292,7 @@ def _real_fa4():
     (64, 8, 2, 2, 6, 333, 7, None, torch.float16),           # GQA, head_dim 64, ragged P
     (128, 4, 4, 1, 8, 1000, 5, (1500, 6100), torch.bfloat16),  # query rows cut inside frames
 ])
-@pytest.mark.parametrize("kind", fa.MASK_KINDS)
-def test_real_kernel_against_the_reference(monkeypatch, D, H, Hkv, B, T, P, L, rows, dtype, kind):
-    monkeypatch.setattr(fa, "MASK_KIND", kind)
+def test_real_kernel_against_the_reference(D, H, Hkv, B, T, P, L, rows, dtype):
     dev = "cuda"
     mask = plan_schedule(T, W=1, n=1, reference=3).mask(1)
     g = torch.Generator(device=dev).manual_seed(T * P + D)
@@ -345,7 +303,6 @@ def test_real_kernel_against_the_reference(monkeypatch, D, H, Hkv, B, T, P, L, r
     lo, hi = rows or (0, S)
     be = fa.FA4Backend()
     plan = be.plan(mask, Problem.from_tensors(q[:, lo:hi], k, mask, tk, q_rows=rows))
-    assert plan.tables.kind == kind
     out = be.run(plan, q[:, lo:hi], k, v, tk, tv)
     ref = ReferenceBackend()
     want = ref.run(ref.plan(mask, None), q.float(), k.float(), v.float(),

@@ -65,6 +65,9 @@ SHAPES = [
     Shape("hy-t65-text", "HunyuanVideo 1.5", 16, 65, 33, text=256),
     Shape("wan1.3b-t81-b2", "Wan 1.3B", 12, 81, 21, batch=2),
     Shape("hy-t65-text-b2", "HunyuanVideo 1.5", 16, 65, 33, text=256, batch=2),
+    # HunyuanVideo 1.5 past 300 frames: the T_lat >= 81 shape with text
+    Shape("hy-t81-text", "HunyuanVideo 1.5", 16, 81, 33, text=256),
+    Shape("hy-t81-text-b2", "HunyuanVideo 1.5", 16, 81, 33, text=256, batch=2),
     Shape("wan1.3b-t121-b2", "Wan 1.3B", 12, 121, 21, batch=2),
     Shape("wan14b-t81-b2", "Wan 14B", 40, 81, 21, batch=2),
 ]

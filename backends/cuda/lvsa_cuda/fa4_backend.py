@@ -19,12 +19,10 @@ depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows
 few dozen torch ops on the problem's device (the GPU for a CUDA problem: 3-6 ms on the H200;
 10 ms on a 2-core CPU at Wan's T_lat 81, ``benchmarks/bench_planner.py``) from a
 summed-area table of the frame mask: no token-level mask is ever built. The ``mask_mod``
-reads small int32 tables passed as FA4 ``aux_tensors``: the frame of every query row, the
-``T x T`` frame mask, and, by :data:`MASK_KINDS`, the frame of every key (``table``) or
-the multiplier that computes it (``mulhi``: ``floor(n / P)`` as one multiply-high, no
-load). So one compiled kernel serves every geometry (FA4 compiles per
-:meth:`FA4Backend.compile_key`: dtype, head dim, text, GQA ratio, batch 1 or more, mask
-kind, GPU).
+reads three small int32 tables passed as FA4 ``aux_tensors``: the frame of every query
+row, the frame of every key, and the ``T x T`` frame mask. So one compiled kernel serves
+every geometry (FA4 compiles per :meth:`FA4Backend.compile_key`: dtype, head dim, text,
+GQA ratio, batch 1 or more, GPU).
 
 Text tokens are merged exactly from FA4's natural-log LSE with the same in-place merge
 kernel as the flashinfer backend; query rows ``[lo, hi)`` (sequence parallelism) shift
@@ -47,12 +45,6 @@ from lvsa.ops import append_text, default_scale
 LN2 = math.log(2.0)
 #: FA4's SM90 forward tile for head_dim 64/128 under block sparsity (query rows, keys)
 TILE = (128, 128)
-#: how the mask_mod finds the frame of key ``n``: ``table`` loads ``k_frame[n]`` (an int32
-#: per key); ``mulhi`` computes ``floor(n / P)`` as ``(n * ceil(2^32 / P)) >> 32``, exact
-#: while ``keys * P < 2^32`` (checked per plan: :func:`mulhi_exact`)
-MASK_KINDS = ("table", "mulhi")
-#: the kind plans use where it is exact (else ``table``)
-MASK_KIND = "table"
 
 
 @dataclass
@@ -67,33 +59,15 @@ class TileTables:
     full_idx: torch.Tensor
     q_frame: torch.Tensor   # [M * tile_m] int32: frame of each (padded) query row
     k_frame: torch.Tensor   # [N * tile_n] int32: frame of each (padded) key
-    #: [T, T + pad] int32: the frame mask, zero-padded by the frames a padded key tile
-    #: reaches past the last (``mulhi`` computes their frame instead of clamping it)
-    allowed: torch.Tensor
-    k_div: torch.Tensor     # [1] int32: ceil(2^32 / P), the ``mulhi`` multiplier (0 if P < 3)
+    allowed: torch.Tensor   # [T, T] int32: the frame mask
     tile: Tuple[int, int]
     #: tiles run: full, partial (a mask_mod per element), and all tiles of the grid
     counts: Tuple[int, int, int]
-    #: the mask_mod these tables are for (:data:`MASK_KINDS`)
-    kind: str = "table"
 
     def to(self, device) -> "TileTables":
         moved = {k: getattr(self, k).to(device) for k in
-                 ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed", "k_div")}
-        return TileTables(**moved, tile=self.tile, counts=self.counts, kind=self.kind)
-
-    def aux(self) -> List[torch.Tensor]:
-        """The ``aux_tensors`` of FA4's call, in the order the ``kind``'s mask_mod reads them."""
-        if self.kind == "mulhi":
-            return [self.q_frame, self.allowed, self.k_div]
-        return [self.q_frame, self.k_frame, self.allowed]
-
-
-def mulhi_exact(P: int, keys: int) -> bool:
-    """``(n * ceil(2^32 / P)) >> 32 == n // P`` for every ``0 <= n < keys``: the error term
-    ``n * (ceil(2^32 / P) * P - 2^32) / (P * 2^32)`` stays below ``1 / P`` while
-    ``keys * P <= 2^32``; ``P >= 3`` keeps the multiplier inside an int32."""
-    return P >= 3 and keys * P <= 2 ** 32
+                 ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed")}
+        return TileTables(**moved, tile=self.tile, counts=self.counts)
 
 
 def _stable_partition(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +81,7 @@ def _stable_partition(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = None,
-                tile: Tuple[int, int] = TILE, device=None, kind: Optional[str] = None) -> TileTables:
+                tile: Tuple[int, int] = TILE, device=None) -> TileTables:
     """Block-sparse tables of ``mask`` over ``tile``-sized tiles of the video sequence
     (``T * P`` keys; query rows ``q_rows = [lo, hi)``, default all), built with torch ops
     on ``device`` (default: the CPU; the plan of a CUDA problem builds them on its GPU).
@@ -117,12 +91,7 @@ def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = Non
     Query tiles covering the same frames have the same key-tile lists, so the lists are
     built once per distinct frame range (about ``2 T`` of them) and gathered per tile.
     Each ``*_idx`` row lists its key tiles ascending, then (up to the table width) the
-    other key tiles ascending; the kernel reads only the first ``*_cnt``. ``kind`` (default
-    :data:`MASK_KIND`) is the mask_mod's: ``mulhi`` falls back to ``table`` where it is not
-    exact (:func:`mulhi_exact`)."""
-    kind = MASK_KIND if kind is None else kind
-    if kind not in MASK_KINDS:
-        raise ValueError(f"unknown fa4 mask kind {kind!r}: one of {', '.join(MASK_KINDS)}")
+    other key tiles ascending; the kernel reads only the first ``*_cnt``."""
     T = mask.num_frames
     S = T * P
     lo, hi = q_rows if q_rows is not None else (0, S)
@@ -161,34 +130,21 @@ def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = Non
     mask_cnt, mask_idx = per_tile(part_n, part_order, p_w)
     q_frame = torch.clamp((lo + torch.arange(M * tm, device=dev)) // P, max=T - 1).to(torch.int32)
     k_frame = torch.clamp(torch.arange(N * tn, device=dev) // P, max=T - 1).to(torch.int32)
-    if kind == "mulhi" and not mulhi_exact(P, N * tn):
-        kind = "table"
-    # a padded key past the last frame: its computed frame is at most T - 1 + ceil(tn / P)
-    padded = torch.zeros(T, T + -(-tn // P), dtype=torch.int32, device=dev)
-    padded[:, :T] = allowed
-    k_div = torch.tensor([-(-2 ** 32 // P) if P >= 3 else 0], dtype=torch.int32, device=dev)
     return TileTables(mask_cnt, mask_idx, full_cnt, full_idx, q_frame, k_frame,
-                      padded, k_div, tile, (f_tot, p_tot, M * N), kind)
+                      allowed.contiguous(), tile, (f_tot, p_tot, M * N))
 
 
-def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux, kind: str = "table") -> torch.Tensor:
-    """What :func:`mask_mod` of ``kind`` computes from ``aux`` (:meth:`TileTables.aux`), in
-    torch: ``allowed[q_frame[q], frame of kv]`` (the CPU stand-in of FA4 evaluates partial
-    tiles with this)."""
-    if kind == "mulhi":
-        q_frame, allowed, k_div = aux
-        fk = (kv_idx.long() * int(k_div[0])) >> 32
-    else:
-        q_frame, k_frame, allowed = aux
-        fk = k_frame[kv_idx.long()].long()
-    return allowed[q_frame[q_idx.long()].long()[:, None], fk[None, :]] != 0
+def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux) -> torch.Tensor:
+    """What :func:`mask_mod` computes, in torch: ``allowed[q_frame[q], k_frame[kv]]``
+    (the CPU stand-in of FA4 evaluates partial tiles with this)."""
+    q_frame, k_frame, allowed = aux
+    return allowed[q_frame[q_idx.long()].long()[:, None], k_frame[kv_idx.long()].long()[None, :]] != 0
 
 
-@functools.lru_cache(maxsize=None)
-def mask_mod(kind: str = "table"):
-    """The CuTe-DSL ``mask_mod`` FA4 calls on each element of a partial tile: the query
-    row's frame (one load per row), the key's frame (``table``: a load; ``mulhi``: a
-    multiply-high by ``ceil(2^32 / P)``), then the frame mask (one load), all on chip."""
+@functools.lru_cache(maxsize=1)
+def mask_mod():
+    """The CuTe-DSL ``mask_mod`` FA4 calls on each element of a partial tile: three
+    int32 loads (query frame, key frame, frame mask), all cached on chip."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute import utils
@@ -201,25 +157,16 @@ def mask_mod(kind: str = "table"):
         hit = utils.scalar_to_ssa(allowed[fq, fk], cutlass.Int32)
         return hit == utils.scalar_to_ssa(1, cutlass.Int32)
 
-    @cute.jit
-    def lvsa_frame_mask_mulhi(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
-        q_frame, allowed, k_div = aux_tensors[0], aux_tensors[1], aux_tensors[2]
-        fq = q_frame[m_idx[0]]
-        fk = cutlass.Int32((cutlass.Int64(n_idx[0]) * cutlass.Int64(k_div[0])) >> 32)
-        hit = utils.scalar_to_ssa(allowed[fq, fk], cutlass.Int32)
-        return hit == utils.scalar_to_ssa(1, cutlass.Int32)
-
-    return {"table": lvsa_frame_mask, "mulhi": lvsa_frame_mask_mulhi}[kind]
+    return lvsa_frame_mask
 
 
 def kernel():
-    """``(flash_attn_func, BlockSparseTensorsTorch, mask_mod)`` of the installed FA4, with
-    ``mask_mod(kind)`` the CuTe function of a :data:`MASK_KINDS` entry (a test replaces this
-    with a CPU stand-in of the documented API)."""
+    """``(flash_attn_func, BlockSparseTensorsTorch, mask_mod)`` of the installed FA4
+    (a test replaces this with a CPU stand-in of the documented API)."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    return flash_attn_func, BlockSparseTensorsTorch, mask_mod
+    return flash_attn_func, BlockSparseTensorsTorch, mask_mod()
 
 
 def dense_func():
@@ -352,11 +299,6 @@ class FA4Backend(CudaBackend):
             key += " batch>1"
         if problem.num_heads == 1:
             key += " heads=1"
-        if MASK_KIND != "table":   # the plan's kind: MASK_KIND where exact (nearly always)
-            P = problem.seq_len // problem.T if problem.T else 0
-            tn = self.tile_for(problem)[1]
-            if mulhi_exact(P, -(-problem.seq_len // tn) * tn):
-                key += f" mask={MASK_KIND}"
         cc = problem.compute_capability
         if cc:
             key += f" sm_{cc[0]}{cc[1]}"
@@ -406,7 +348,8 @@ class FA4Backend(CudaBackend):
                 "(pass [B, S, H, D] tensors with a unit last stride to avoid the copy)"))
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         with device_guard(q.device):
-            out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod(t.kind), aux_tensors=t.aux(),
+            out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod,
+                            aux_tensors=[t.q_frame, t.k_frame, t.allowed],
                             block_sparse_tensors=bst, return_lse=has_text)
         if has_text:
             # FA4's LSE is natural-log, [B, H, n]; the merge takes base 2, [B, n, H]
