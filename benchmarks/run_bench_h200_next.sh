@@ -7,14 +7,15 @@
 #     (run_bench_h200_rows.sh on 11-30 had no lvsa-flex on the device and no Wan 14B batch-2 shape);
 #  2. `lvsa bench model`: dense on one GPU at Wan 14B T_lat 121 batch 2 (diffusers' own attention;
 #     the 1-GPU column of the 2-GPU table) with fa4.
-# Stage `attention` (second argument) runs step 1 only; stage `hy81` runs step 1 at HunyuanVideo 1.5's
-# T_lat 81 shapes with text (batch 1 and 2) only.
+# Stage `attention` (second argument) runs step 1 only, with HunyuanVideo 1.5's T_lat 81 shapes with
+# text (batch 1 and 2) added; stage `hy81` runs step 1 at those two shapes only.
 #   device run --carry .whl .gpu: bash benchmarks/run_bench_h200_next.sh [TAG] [all|attention|hy81]
 set -uo pipefail
 tag=${1:-next}
 stage=${2:-all}
 case "$stage" in all|attention|hy81) ;; *) echo "unknown stage '$stage': all, attention or hy81" >&2; exit 2;; esac
 shapes="wan1.3b-t81 wan1.3b-t121 wan14b-t81 hy-t65-text wan1.3b-t81-b2 hy-t65-text-b2 wan14b-t81-b2 wan1.3b-t121-b2"
+[ "$stage" = attention ] && shapes="$shapes hy-t81-text hy-t81-text-b2"   # every T_lat >= 81 shape (~6 min)
 [ "$stage" = hy81 ] && shapes="hy-t81-text hy-t81-text-b2"
 source benchmarks/device_setup.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e plugins/lvsa-flex || exit 1
@@ -22,7 +23,7 @@ source benchmarks/fa4_setup.sh
 echo "[run] fa4: ${fa4:-absent}" | tee -a "$out/bench-$tag.log"
 [ -f .gpu/ficache.tar.xz ] && tar -xJf .gpu/ficache.tar.xz -C /tmp
 MAX_JOBS=12 timeout 200 python3 -m lvsa.bench.prewarm flashinfer --head-dims 128 >"$out/prewarm-$tag.log" 2>&1
-timeout $([ "$stage" = all ] && echo 300 || echo 480) python3 -m lvsa bench attention --out "$out" --tag "$tag" --no-progress \
+timeout $([ "$stage" = all ] && echo 300 || echo 540) python3 -m lvsa bench attention --out "$out" --tag "$tag" --no-progress \
   --backends fa4 flashinfer triton flex --dense cudnn --flex-shapes all --iters 5 \
   --shapes $shapes 2>&1 | tail -30 | tee -a "$out/bench-$tag.log"
 left=$(( 540 - ($(date +%s) - start) ))

@@ -66,6 +66,9 @@ class Problem:
     #: query rows ``[lo, hi)`` of the video sequence when ``q`` holds only those (sequence
     #: parallelism); ``None`` = every row. ``seq_len`` is always the whole sequence (K/V).
     q_rows: Optional[Tuple[int, int]] = None
+    #: autograd records the call (grad mode on and q, k, v or the text K/V require grad):
+    #: the output must carry their gradients (:attr:`Backend.grad_devices`)
+    grad: bool = False
 
     def __post_init__(self):
         if self.device is None:
@@ -86,10 +89,12 @@ class Problem:
         return self.num_kv_heads != self.num_heads
 
     @classmethod
-    def from_tensors(cls, q, k, mask: BlockMask, text_k=None, q_rows=None) -> "Problem":
+    def from_tensors(cls, q, k, mask: BlockMask, text_k=None, q_rows=None, v=None, text_v=None) -> "Problem":
         from .devices import compute_capability
 
         dev = q.device
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, text_k, text_v))
         return cls(
             device_kind=dev.type, dtype=q.dtype, batch=q.shape[0], seq_len=k.shape[1],
             num_heads=q.shape[2], num_kv_heads=k.shape[2], head_dim=q.shape[3],
@@ -97,7 +102,7 @@ class Problem:
             P=k.shape[1] // max(mask.num_frames, 1),
             compute_capability=compute_capability(dev) if dev.type == "cuda" else None,
             device_index=dev.index, device=dev,
-            q_rows=None if q_rows is None else (int(q_rows[0]), int(q_rows[1])),
+            q_rows=None if q_rows is None else (int(q_rows[0]), int(q_rows[1])), grad=grad,
         )
 
 
@@ -128,6 +133,10 @@ class Backend:
     #: ``plan`` receives it as ``problem.q_rows``, ``run`` gets ``q`` of ``hi - lo`` rows
     supports_q_rows: bool = False
     max_batch: Optional[int] = None
+    #: device kinds where its output carries gradients to q, k, v (and the text K/V) under
+    #: autograd; elsewhere a problem with ``grad`` is refused, never run without them
+    #: (a kernel with no backward would return an output that silently stops gradients)
+    grad_devices: Tuple[str, ...] = ()
     min_compute_capability: Optional[Tuple[int, int]] = None
     #: importable modules it needs (checked with ``importlib.util.find_spec``)
     requires: Tuple[str, ...] = ()
@@ -211,6 +220,12 @@ class Backend:
         if problem.q_rows is not None and not self.supports_q_rows:
             r.append(f"query rows {list(problem.q_rows)} of {problem.seq_len} (sequence parallelism) are not "
                      "supported: needs every query row")
+        if problem.grad and problem.device_kind not in self.grad_devices:
+            where = f" on {problem.device_kind}" if self.grad_devices else ""
+            r.append(f"autograd is recording (q/k/v require grad) and {self.name} has no backward{where}: "
+                     "its output would carry no gradients. For inference run under torch.no_grad() or "
+                     "torch.inference_mode(); to train through attention use a backend with a backward "
+                     "(reference)")
         if self.max_batch is not None and problem.batch > self.max_batch:
             r.append(f"batch is {problem.batch}, allowed: <= {self.max_batch}")
         if self.min_compute_capability and problem.device_kind == "cuda":

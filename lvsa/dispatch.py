@@ -38,7 +38,7 @@ import functools
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from . import costs, plugins, telemetry
@@ -283,7 +283,9 @@ def plan_for(backend, mask: BlockMask, problem: Problem):
     tensors, and once cached would fail a later forward under autograd (fine-tuning after
     generating) with "Inference tensors cannot be saved for backward". Normal tensors serve
     both modes."""
-    key = (backend, mask, problem)
+    # a plan does not depend on autograd (whether a backend may run under it is selection's
+    # question): generation and a later fine-tuning forward share it
+    key = (backend, mask, replace(problem, grad=False))
     with _plans_lock:
         hit = _plans.get(key)
         if hit is not None:
@@ -408,7 +410,7 @@ def run_attention(q, k, v, mask: BlockMask, text_k=None, text_v=None, scale=None
     config = config or current_config()
     if not validated:
         validate_inputs(q, k, v, mask, text_k, text_v, scale, check_finite=config.check, q_rows=q_rows)
-    problem = Problem.from_tensors(q, k, mask, text_k, q_rows)
+    problem = Problem.from_tensors(q, k, mask, text_k, q_rows, v=v, text_v=text_v)
     args = (q, k, v, text_k, text_v, scale)
     sel = select_backend(problem, backend, config, density=_density(mask),
                          probe=lambda names: _probe(names, mask, problem, args))

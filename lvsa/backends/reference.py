@@ -45,6 +45,8 @@ class ReferenceBackend(Backend):
     devices = ("cpu", "cuda", "npu", "mps", "xpu")
     dtypes = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
     supports_q_rows = True
+    #: torch ops end to end: autograd differentiates it on every device
+    grad_devices = devices
     description = "torch SDPA per frame group; exact; any device (oracle and last fallback)"
     #: the last resort of automatic selection on every device
     priority = {d: 0 for d in devices}

@@ -89,6 +89,8 @@ class FlexBackend(Backend):
     head_dims = None
     max_head_dim = 256
     supports_gqa = True
+    #: flex_attention has a backward on CUDA; on the CPU torch refuses one
+    grad_devices = ("cuda",)
     supports_text = True
     min_compute_capability = (8, 0)
     requires = ("torch.nn.attention.flex_attention",)
