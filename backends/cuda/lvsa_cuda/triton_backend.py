@@ -391,8 +391,12 @@ if triton is not None:
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+#: the text merge's launch on a GPU: query rows per program, text keys per step, warps, stages
+TEXT_CONFIG = (128, 64, 8, 2)
+
+
 def attend_text_into(out, lse2, q, text_k, text_v, scale: Optional[float] = None,
-                     block_m: Optional[int] = None):
+                     block_m: Optional[int] = None, config: Optional[Tuple[int, int, int, int]] = None):
     """Merge dense text attention exactly into a finished sparse result, in place.
 
     Parameters
@@ -408,7 +412,8 @@ def attend_text_into(out, lse2, q, text_k, text_v, scale: Optional[float] = None
         ``[B, L, Hkv, D]``.
 
     No temporary as large as the output is made (the state is read and written in
-    place, the arithmetic is float32 in registers).
+    place, the arithmetic is float32 in registers). ``config`` ``(block_m, block_n, warps,
+    stages)`` overrides :data:`TEXT_CONFIG` on a GPU (``benchmarks/text_merge_sweep.py``).
     """
     B, S, H, D = q.shape
     Hkv, L = text_k.shape[2], text_k.shape[1]
@@ -416,9 +421,10 @@ def attend_text_into(out, lse2, q, text_k, text_v, scale: Optional[float] = None
     for name, t in (("q", q), ("out", out), ("text_k", text_k), ("text_v", text_v)):
         _check_last_dim(name, t)
     if interpreting():
-        bm, bn, warps = 16, 16, 4
+        bm, bn, warps, stages = 16, 16, 4, 2
     else:
-        bm, bn, warps = block_m or 128, 64, 8
+        bm, bn, warps, stages = config or TEXT_CONFIG
+        bm = block_m or bm
     grid = (triton.cdiv(S, bm), B * H)
     _text_continue_fwd[grid](
         q, text_k, text_v, out, lse2,
@@ -428,7 +434,7 @@ def attend_text_into(out, lse2, q, text_k, text_v, scale: Optional[float] = None
         out.stride(0), out.stride(1), out.stride(2),
         lse2.stride(0), lse2.stride(1), lse2.stride(2),
         S, H, H // Hkv, L, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=2,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
     return out
 
