@@ -176,7 +176,7 @@ def text_pass(be, mask, problem, q, k, v, tk, tv, scale, iters, fa):
     whole fa4 call with text (as lvsa runs it)."""
     res = {}
     try:
-        from lvsa_cuda.triton_backend import attend_text_into
+        from lvsa_cuda.triton_backend import TEXT_CONFIG, attend_text_into
 
         plan = be.plan(mask, problem)
         res["fa4_with_text_ms"] = round(common.device_time_ms(
@@ -191,10 +191,10 @@ def text_pass(be, mask, problem, q, k, v, tk, tv, scale, iters, fa):
             lambda: func(q, k, v, softmax_scale=scale, mask_mod=mod, aux_tensors=aux,
                          block_sparse_tensors=bst, return_lse=True), q.device, 2, iters), 3)
         lse2 = (lse / fa.LN2).transpose(1, 2).contiguous()
-        for bm in (64, 128):
+        for cfg in ((64, 64, 8, 2), (128, 64, 8, 2), TEXT_CONFIG):   # the first two: the 11-30 A/B's
             o = out.clone()
-            res[f"text_merge_bm{bm}_ms"] = round(common.device_time_ms(
-                lambda: attend_text_into(o, lse2, q, tk, tv, scale, block_m=bm), q.device, 2, iters), 3)
+            res["text_merge_%d_%d_%d_%d_ms" % cfg] = round(common.device_time_ms(
+                lambda: attend_text_into(o, lse2, q, tk, tv, scale, config=cfg), q.device, 2, iters), 3)
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return res

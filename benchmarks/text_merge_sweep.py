@@ -15,6 +15,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 
 import torch
@@ -68,7 +69,7 @@ def main(argv=None):
         q = tk = tv = out0 = lse2 = want = None  # freed before the next shape
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "command": "python3 benchmarks/text_merge_sweep.py " + " ".join(argv or [])}
+            "command": "python3 benchmarks/text_merge_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"text-merge-sweep-{args.tag}-{time.strftime('%Y%m%d-%H%M%S')}")
     with open(base + ".json", "w") as f:

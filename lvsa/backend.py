@@ -222,10 +222,10 @@ class Backend:
                      "supported: needs every query row")
         if problem.grad and problem.device_kind not in self.grad_devices:
             where = f" on {problem.device_kind}" if self.grad_devices else ""
-            r.append(f"autograd is recording (q/k/v require grad) and {self.name} has no backward{where}: "
-                     "its output would carry no gradients. For inference run under torch.no_grad() or "
-                     "torch.inference_mode(); to train through attention use a backend with a backward "
-                     "(reference)")
+            r.append(f"autograd is recording (q/k/v or the text K/V require grad) and {self.name} has no "
+                     f"backward{where}: its output would carry no gradients. For inference run under "
+                     "torch.no_grad() or torch.inference_mode(); to train through attention use a backend "
+                     "with a backward (reference; flex on CUDA)")
         if self.max_batch is not None and problem.batch > self.max_batch:
             r.append(f"batch is {problem.batch}, allowed: <= {self.max_batch}")
         if self.min_compute_capability and problem.device_kind == "cuda":

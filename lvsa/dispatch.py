@@ -285,7 +285,7 @@ def plan_for(backend, mask: BlockMask, problem: Problem):
     both modes."""
     # a plan does not depend on autograd (whether a backend may run under it is selection's
     # question): generation and a later fine-tuning forward share it
-    key = (backend, mask, replace(problem, grad=False))
+    key = (backend, mask, replace(problem, grad=False) if problem.grad else problem)
     with _plans_lock:
         hit = _plans.get(key)
         if hit is not None:

@@ -320,6 +320,18 @@ class ContextParallel:
     # the empty result of the right shape with no communication: all ranks, holding the
     # same shape, skip alike, and there is nothing to exchange.
 
+    @staticmethod
+    def _no_autograd(what: str, *ts: torch.Tensor) -> None:
+        """The collectives write into fresh buffers and have no backward: under autograd an
+        exchanged q/k/v would come out without its gradients (silently). Refused, before any
+        collective (every rank runs the same model code, so every rank refuses alike)."""
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts):
+            raise ContextParallelError(
+                f"context parallel {what}: autograd is recording (the tensors require grad) and lvsa's "
+                "context parallelism is inference-only: its exchanges have no backward, so gradients would "
+                "be lost. Run inference under torch.no_grad() or torch.inference_mode() (diffusers' pipelines "
+                "do), or set LVSA_CONTEXT_PARALLEL=off to train on one device per model")
+
     def split(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's chunk of ``t`` along ``dim``: a view, no copy (the whole tensor stays
         alive in the caller anyway; a contiguous copy would only add one shard of memory
@@ -336,6 +348,7 @@ class ContextParallel:
         (one collective per slice) rather than into a buffer reordered by a full copy."""
         w = self.world_size
         dim = _dim(dim, t, "all_gather")
+        self._no_autograd("all_gather", t)
         shape = tuple(t.shape)
         out_shape = shape[:dim] + (w * shape[dim],) + shape[dim + 1:]
         if t.numel() == 0:
@@ -414,6 +427,7 @@ class ContextParallel:
             return [self.take_seq_to_heads([ts.pop(0)])[0] for _ in range(len(ts))]
         n = len(ts)
         B, s, H, D = self._bshd(ts[0], "seq_to_heads", heads=True)
+        self._no_autograd("seq_to_heads", *ts)
         w, h = self.world_size, H // self.world_size
         send = torch.empty((w, n, B, s, h, D), dtype=ts[0].dtype, device=ts[0].device)
         for i in range(n):
@@ -431,6 +445,7 @@ class ContextParallel:
         plus the input where the caller keeps it."""
         (t,) = ts
         B, S, h, D = self._bshd(t, "heads_to_seq")
+        self._no_autograd("heads_to_seq", t)
         self.check_split(S)
         ts.clear()
         w = self.world_size

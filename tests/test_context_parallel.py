@@ -278,6 +278,17 @@ def _edge_case(rank, world, max_slices):
             errors.append(f"{type(e).__name__}: {e}")
         else:
             errors.append(None)
+    # under autograd the exchanges (no backward) refuse rather than drop the gradients
+    grad = mine(rank, (1, 2, 2 * world, 4)).requires_grad_()
+    for call in (lambda: cp.all_gather(grad, 1), lambda: cp.seq_to_heads(grad), lambda: cp.heads_to_seq(grad)):
+        try:
+            call()
+        except ContextParallelError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+        else:
+            errors.append(None)
+    with torch.no_grad():   # inference: fine
+        assert cp.all_gather(grad, 1).shape == (1, 2 * world, 2 * world, 4)
     # and the group still works afterwards
     assert torch.equal(cp.all_gather(mine(rank, (3,)), -1), torch.cat([mine(r, (3,)) for r in range(world)]))
     return errors
@@ -286,7 +297,9 @@ def _edge_case(rank, world, max_slices):
 @pytest.mark.parametrize("max_slices", [8, 0])
 def test_collectives_take_negative_dims_and_empty_tensors(max_slices):
     for errors in _ok(run_ranks(_edge_case, 2, max_slices, timeout=60)):
-        out4, neg5, split5, scalar, heads, ndim, seq = errors
+        out4, neg5, split5, scalar, heads, ndim, seq, *grads = errors
+        assert len(grads) == 3 and all(g and "context parallelism is inference-only" in g
+                                       and "torch.no_grad()" in g for g in grads), grads
         assert out4.startswith("IndexError: context parallel all_gather: dim 4 is out of range for a 4-D tensor")
         assert "(expected -4 ... 3)" in out4 and "dim -5 is out of range" in neg5
         assert split5.startswith("IndexError: context parallel split: dim -5")

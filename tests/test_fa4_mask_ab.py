@@ -31,7 +31,7 @@ def test_ab_script_on_the_standin(fake_fa4, tmp_path, monkeypatch):
         assert v["table"]["err_vs_reference"] < 1e-2 and v["mulhi"]["err_vs_reference"] < 1e-2
         assert v["nomask"]["err_vs_reference"] > 0.05     # partial tiles unmasked: wrong, as meant
         assert rec["mulhi_equals_table"] is True and rec["tiles"]["partial"] > 0
-    assert "text_merge_bm64_ms" in recs[1]["text"] and "error" not in recs[1]["text"], recs[1]["text"]
+    assert "text_merge_64_64_8_2_ms" in recs[1]["text"] and "error" not in recs[1]["text"], recs[1]["text"]
     (j,) = tmp_path.glob("fa4-mask-ab-t-*.json")
     assert json.loads(j.read_text())["records"][0]["shape"] == "quick-wan-t41"
     assert "| quick-hy-t49-text |" in next(tmp_path.glob("*.md")).read_text()

@@ -107,3 +107,16 @@ def test_every_shipped_kernel_backend_declares_where_it_has_a_backward(fresh_plu
         assert not [r for r in bks["flex"].not_supported_reasons(prob) if "backward" in r]
         cpu = Problem("cpu", torch.float32, 1, 6 * 64, 2, 2, 64, T=6, P=64, grad=True)
         assert any("has no backward on cpu" in r for r in bks["flex"].not_supported_reasons(cpu))
+
+
+def test_the_doctor_says_no_grad_not_install_for_an_autograd_refusal():
+    from lvsa.doctor.findings import refusal_fixes
+
+    prob = Problem("cuda", torch.bfloat16, 1, 6 * 64, 2, 2, 64, T=6, P=64, compute_capability=(9, 0), grad=True)
+    reasons = NoBackward().not_supported_reasons(prob)
+    fix = refusal_fixes({"fa4": reasons + ["FlashAttention-4 is not installed (pip install lvsa-cuda[fa4])"]},
+                        "cuda:0")
+    assert any("torch.no_grad()" in line for line in fix)
+    assert not any(line.startswith("pip install") for line in fix)       # installing would not help
+    assert refusal_fixes({"fa4": ["FlashAttention-4 is not installed (pip install lvsa-cuda[fa4])"]},
+                         "cuda:0") == ["pip install 'lvsa-cuda[fa4]'   # fa4"]

@@ -853,6 +853,11 @@ def refusal_fixes(refused, device: str) -> List[str]:
         texts.append(text)
         tag = f"   # {name}" if name else ""
         low = text.lower()
+        if "autograd is recording" in low:  # installing or fixing it would not help under autograd
+            add("# autograd was recording (q/k/v require grad): wrap inference in torch.no_grad() or "
+                "torch.inference_mode() and the fast kernels run; training through attention runs on "
+                "the reference")
+            continue
         if "not installed" in low:
             m = _PIP_PACKAGE.search(text)
             if m:

@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from ..ops import append_text
 from ..parallel import Gather, Split
 from .base import Adapter, Factors, ProcessorBase, cfg_get
 from .joint import video_attention_with_text
@@ -88,8 +89,7 @@ class HunyuanVideo15LVSAProcessor(ProcessorBase):
                                               q_rows=rows)
 
         # 4b. text queries: dense over every key, with the original mask rows
-        all_key = torch.cat([key, enc_key], dim=1)
-        all_value = torch.cat([value, enc_value], dim=1)
+        all_key, all_value = append_text(key, value, enc_key, enc_value)
         key_valid = F.pad(text_valid, (Sv, 0), value=True)  # [B, Sv+Lt]
         text_mask = (text_valid.view(B, 1, Lt, 1) & key_valid.view(B, 1, 1, Sv + Lt)).bool()
         text_out = dispatch_attention_fn(enc_query, all_key, all_value, attn_mask=text_mask, dropout_p=0.0,
