@@ -8,15 +8,18 @@
 #  2. `lvsa bench model`: dense on one GPU at Wan 14B T_lat 121 batch 2 (diffusers' own attention;
 #     the 1-GPU column of the 2-GPU table) with fa4.
 # Stage `attention` (second argument) runs step 1 only, with HunyuanVideo 1.5's T_lat 81 shapes with
-# text (batch 1 and 2) added; stage `hy81` runs step 1 at those two shapes only.
-#   device run --carry .whl .gpu: bash benchmarks/run_bench_h200_next.sh [TAG] [all|attention|hy81]
+# text (batch 1 and 2) added; stage `hy81` runs step 1 at those two shapes only; stage `text` at
+# HunyuanVideo's four text shapes (T_lat 65 and 81, batch 1 and 2): attention-h200-hytext-* (11-30)
+# was made by this stage's commands typed inline in the device call.
+#   device run --carry .whl .gpu: bash benchmarks/run_bench_h200_next.sh [TAG] [all|attention|hy81|text]
 set -uo pipefail
 tag=${1:-next}
 stage=${2:-all}
-case "$stage" in all|attention|hy81) ;; *) echo "unknown stage '$stage': all, attention or hy81" >&2; exit 2;; esac
+case "$stage" in all|attention|hy81|text) ;; *) echo "unknown stage '$stage': all, attention, hy81 or text" >&2; exit 2;; esac
 shapes="wan1.3b-t81 wan1.3b-t121 wan14b-t81 hy-t65-text wan1.3b-t81-b2 hy-t65-text-b2 wan14b-t81-b2 wan1.3b-t121-b2"
 [ "$stage" = attention ] && shapes="$shapes hy-t81-text hy-t81-text-b2"   # every T_lat >= 81 shape (~6 min)
 [ "$stage" = hy81 ] && shapes="hy-t81-text hy-t81-text-b2"
+[ "$stage" = text ] && shapes="hy-t65-text hy-t65-text-b2 hy-t81-text hy-t81-text-b2"
 source benchmarks/device_setup.sh
 python3 -m pip install -q --no-deps --no-build-isolation -e plugins/lvsa-flex || exit 1
 source benchmarks/fa4_setup.sh
