@@ -1,30 +1,39 @@
 """What the fa4 backend's partial tiles cost, and which mask_mod to ship: an A/B on one GPU.
 
-    python3 benchmarks/fa4_mask_ab.py --tag TAG [--out DIR] [--shapes NAME ...] [--iters 5]
+    python3 benchmarks/fa4_mask_ab.py --tag TAG [--out DIR] [--shapes NAME ...] [--variants K ...] [--iters 5]
 
 FA4 runs a tile cut by a frame boundary (a *partial* tile, ~10 % of the tiles at Wan's
 T_lat 81) through lvsa's ``mask_mod`` element by element; every other tile runs unmasked.
 Per shape (``lvsa bench attention``'s presets, the video keys only; the text pass is timed
-on its own) this times FA4's block-sparse forward four ways:
+on its own) this times FA4's block-sparse forward several ways:
 
-- ``table``   the fa4 backend's mask_mod: it loads the query row's frame, the key's frame and
-              the frame mask;
-- ``mulhi``   a candidate: the key's frame computed as a multiply-high,
-              ``(n * ceil(2^32 / P)) >> 32`` (exact while ``keys * P <= 2^32``), one load fewer;
+- ``table``   the first mask_mod: it loads the query row's frame, the key's frame and the
+              frame mask (three dependent loads);
+- ``div``     the backend's mask_mod (``fa4_backend.MASK_KIND``): both frames by unsigned
+              division by the compile-time constant ``P``, one load of the frame mask;
+- ``divs``    the same with signed division (Python's floor ``//`` on an Int32: more
+              instructions). In ``fa4-mask-ab-div-*`` (11-30) the backend's ``div`` was
+              still the signed one and ``divu`` the unsigned: 0.97-1.02x and 1.01-1.03x
+              ``table``, so the unsigned one ships;
+- ``mulhi``   the 11-30 candidate (not run by default; measured 0.94-1.005x ``table``): the
+              key's frame as a 64-bit multiply-high by a loaded multiplier;
 - ``true``    a mask_mod that returns True: FA4's masked path without lvsa's work (the
               output is wrong: a bound, not a candidate);
 - ``nomask``  the partial tiles listed as full tiles: no masked path at all (wrong output:
               the bound of any mask_mod).
 
-The two real kinds are checked against the reference backend (relative L2) and against each
-other (same arithmetic: they must agree bit for bit). Measured on the H200 (11-30): ``mulhi``
-is 0.94-1.005x ``table`` and stays out of the backend (this script keeps it, to re-measure). Where the shape has text, the exact text
-merge that follows FA4's call (``attend_text_into``, a Triton kernel) is timed at two query
-tile heights, beside the whole ``fa4`` call with text. Writes ``fa4-mask-ab-TAG-STAMP.{json,md}``.
+The real kinds are checked against the reference backend (relative L2) and against ``table``
+(same arithmetic: they must agree bit for bit). Where the shape has text, the text pass times
+the whole ``fa4`` call with text under each real kind, FA4's call with the LSE, the exact text
+merge that follows it (``attend_text_into``, a Triton kernel) at three launch configurations,
+``joint`` (the text keys appended to K/V as FA4 key tiles: one call, no merge; ``joint_cat``
+with the concatenation) and, at batch > 1, ``per_batch`` (one batch-1 call per element).
+Writes ``fa4-mask-ab-TAG-STAMP.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,8 +47,11 @@ from lvsa.bench import common
 from lvsa.bench.attention import SHAPE_BY_NAME, make_inputs, rel_err
 from lvsa.schedule import plan_schedule
 
-VARIANTS = ("table", "mulhi", "true", "nomask")
-SHAPES = ["wan1.3b-t81", "wan14b-t81", "hy-t65-text", "wan1.3b-t121"]
+VARIANTS = ("table", "div", "divs", "true", "nomask")
+ALL_VARIANTS = VARIANTS + ("mulhi",)
+#: the kinds with a correct output, compared bit for bit with ``table``
+REAL = ("table", "div", "divs", "mulhi")
+SHAPES = ["hy-t81-text-b2", "wan1.3b-t81", "hy-t81-text", "wan14b-t81", "wan1.3b-t121"]
 
 
 def mulhi_exact(P: int, keys: int) -> bool:
@@ -83,6 +95,58 @@ def mulhi_mask_mod():
     return lvsa_frame_mask_mulhi
 
 
+@functools.lru_cache(maxsize=None)
+def divs_mask_mod(P: int, r: int = 0):
+    """The ``divs`` candidate in CuTe: the backend's ``div`` with signed (floor) division."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils
+
+    @cute.jit
+    def lvsa_frame_mask_divs(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+        allowed = aux_tensors[0]
+        fq = (m_idx[0] + r) // P
+        fk = n_idx[0] // P
+        hit = utils.scalar_to_ssa(allowed[fq, fk], cutlass.Int32)
+        return hit == utils.scalar_to_ssa(1, cutlass.Int32)
+
+    return lvsa_frame_mask_divs
+
+
+def joint_tables(t, S: int, L: int):
+    """The tables with ``L`` text keys appended after the ``S`` video keys as FA4 key tiles:
+    ``(mask_cnt, mask_idx, full_cnt, full_idx, allowed_div)``. Every query attends every text
+    key: the tile holding both video and text keys becomes partial (the ``div`` mask_mod reads
+    the text's frames, ``T`` on, as attended), the text-only tiles full."""
+    from lvsa_cuda.fa4_backend import _stable_partition
+
+    tn = t.tile[1]
+    M = t.full_cnt.shape[-1]
+    n_old, n_new = -(-S // tn), -(-(S + L) // tn)
+    dev = t.full_cnt.device
+
+    def members(cnt, idx):
+        ar = torch.arange(idx.shape[-1], device=dev)
+        cols = torch.where(ar < cnt[0, 0, :, None], idx[0, 0].long(), n_new)
+        return torch.zeros(M, n_new + 1, dtype=torch.bool, device=dev).scatter_(1, cols, True)[:, :n_new]
+
+    full, part = members(t.full_cnt, t.full_idx), members(t.mask_cnt, t.mask_idx)
+    if S % tn:
+        full[:, S // tn] = False
+        part[:, S // tn] = True
+    full[:, n_old:] = True
+    out = []
+    for flag in (part, full):
+        cnt, order = _stable_partition(flag)
+        width = max(int(cnt.max()), 1)
+        out += [cnt.to(torch.int32)[None, None], order[:, :width].to(torch.int32)[None, None].contiguous()]
+    T = t.allowed.shape[0]
+    allowed = torch.zeros(t.allowed_div.shape[0], (n_new * tn - 1) // t.P + 1, dtype=torch.int32, device=dev)
+    allowed[:, :t.allowed_div.shape[1]] = t.allowed_div
+    allowed[:, T:] = 1
+    return (*out, allowed)
+
+
 def true_mask_mod():
     """A CuTe mask_mod that keeps every element (the cost of FA4's masked path alone)."""
     import cutlass
@@ -111,7 +175,7 @@ def as_full(t):
     return torch.zeros_like(t.mask_cnt), t.mask_idx, cnt.to(torch.int32), full_idx
 
 
-def bench(shape_name, iters, device, fa, log):
+def bench(shape_name, iters, device, fa, log, variants=VARIANTS):
     s = SHAPE_BY_NAME[shape_name]
     mask = plan_schedule(s.T, W=3, n=1, reference=s.reference).mask(0)
     q, k, v, tk, tv = make_inputs(s, torch.bfloat16, device)
@@ -120,7 +184,7 @@ def bench(shape_name, iters, device, fa, log):
     problem = Problem.from_tensors(q, k, mask, tk)
     tile = be.tile_for(problem)
     flops = 4.0 * mask.nnz() * s.P * s.P * s.D * s.heads * s.batch
-    func, bst_cls, table_mod = fa.kernel()
+    func, bst_cls, mods = fa.kernel()
     ref_be = plugins.backends()["reference"]
     ref = ref_be.run(ref_be.plan(mask, problem), q, k, v)          # video keys only
     rec = {"shape": s.name, "model": s.model, "T": s.T, "P": s.P, "heads": s.heads, "batch": s.batch,
@@ -128,12 +192,14 @@ def bench(shape_name, iters, device, fa, log):
     outs = {}
     t = fa.tile_tables(mask, s.P, None, tile, device=q.device)
     rec["tiles"] = dict(zip(("full", "partial", "grid"), t.counts))
-    table_aux = [t.q_frame, t.k_frame, t.allowed]
-    for name in VARIANTS:
+    for name in variants:
         lists = (t.mask_cnt, t.mask_idx, t.full_cnt, t.full_idx) if name != "nomask" else as_full(t)
         bst = bst_cls(*lists, block_size=t.tile)
         mm, aux = {"mulhi": lambda: (mulhi_mask_mod(), mulhi_aux(t, s.P)),
-                   "true": lambda: (true_mask_mod(), table_aux)}.get(name, lambda: (table_mod, table_aux))()
+                   "div": lambda: (mods("div", t.P, t.r), t.aux("div")),
+                   "divs": lambda: (divs_mask_mod(t.P, t.r), t.aux("div")),
+                   "true": lambda: (true_mask_mod(), t.aux("table"))}.get(
+            name, lambda: (mods("table"), t.aux("table")))()
 
         def call():
             return func(q, k, v, softmax_scale=scale, mask_mod=mm, aux_tensors=aux,
@@ -152,19 +218,20 @@ def bench(shape_name, iters, device, fa, log):
             r["ms"] = round(common.device_time_ms(call, q.device, 2, iters), 3)
             r["tflops"] = round(flops / r["ms"] / 1e9, 1)
             r["err_vs_reference"] = rel_err(out, ref)
-            if name in ("table", "mulhi"):
+            if name in REAL:
                 outs[name] = out
         except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rec["variants"][name] = r
         log(f"{s.name:14s} {name:7s} " + (f"{r['ms']:9.3f} ms {r['tflops']:6.1f} TFLOP/s err {r['err_vs_reference']:.2e}"
                                           if "ms" in r else r["error"]))
-    if len(outs) == 2:
-        rec["mulhi_equals_table"] = bool(torch.equal(outs["table"], outs["mulhi"]))
-    base = rec["variants"]["table"].get("ms")
+    if "table" in outs:
+        rec["equals_table"] = {n: bool(torch.equal(outs["table"], o)) for n, o in outs.items() if n != "table"}
+    base = rec["variants"].get("table", {}).get("ms")
     for r in rec["variants"].values():
         if base and "ms" in r:
             r["speed_vs_table"] = round(base / r["ms"], 4)
+    del outs, ref
     if tk is not None:
         rec["text"] = text_pass(be, mask, problem, q, k, v, tk, tv, scale, iters, fa)
         log(f"{s.name:14s} text   " + json.dumps(rec["text"]))
@@ -172,29 +239,60 @@ def bench(shape_name, iters, device, fa, log):
 
 
 def text_pass(be, mask, problem, q, k, v, tk, tv, scale, iters, fa):
-    """ms of the exact text merge after FA4's call, at two query tile heights, and of the
-    whole fa4 call with text (as lvsa runs it)."""
+    """ms of the whole fa4 call with text (as lvsa runs it) under each real mask_mod kind, of
+    FA4's call with the LSE, of the exact text merge after it at three launches, of ``joint``
+    (text keys as FA4 key tiles; ``joint_cat`` with the concatenation) and, at batch > 1, of
+    ``per_batch``; errors of the whole outputs against the reference."""
     res = {}
+    dev = q.device
+    timed = lambda fn: round(common.device_time_ms(fn, dev, 2, iters), 3)  # noqa: E731
     try:
         from lvsa_cuda.triton_backend import TEXT_CONFIG, attend_text_into
 
+        ref_be = plugins.backends()["reference"]
+        ref = ref_be.run(ref_be.plan(mask, problem), q, k, v, tk, tv)
         plan = be.plan(mask, problem)
-        res["fa4_with_text_ms"] = round(common.device_time_ms(
-            lambda: be.run(plan, q, k, v, tk, tv, scale), q.device, 2, iters), 3)
-        func, bst_cls, mod = fa.kernel()
+        shipped = fa.MASK_KIND
+        for kind in fa.MASK_KINDS:
+            fa.MASK_KIND = kind
+            try:
+                res[f"fa4_with_text_{kind}_ms"] = timed(lambda: be.run(plan, q, k, v, tk, tv, scale))
+                res[f"fa4_with_text_{kind}_err"] = rel_err(be.run(plan, q, k, v, tk, tv, scale), ref)
+            finally:
+                fa.MASK_KIND = shipped
+        func, bst_cls, mods = fa.kernel()
         t = plan.tables
         bst = bst_cls(t.mask_cnt, t.mask_idx, t.full_cnt, t.full_idx, block_size=t.tile)
-        aux = [t.q_frame, t.k_frame, t.allowed]
-        out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod, aux_tensors=aux,
-                        block_sparse_tensors=bst, return_lse=True)[:2]
-        res["fa4_video_with_lse_ms"] = round(common.device_time_ms(
-            lambda: func(q, k, v, softmax_scale=scale, mask_mod=mod, aux_tensors=aux,
-                         block_sparse_tensors=bst, return_lse=True), q.device, 2, iters), 3)
+        mod, aux = mods(shipped, t.P, t.r), t.aux(shipped)
+        video = lambda: func(q, k, v, softmax_scale=scale, mask_mod=mod, aux_tensors=aux,  # noqa: E731
+                             block_sparse_tensors=bst, return_lse=True)
+        out, lse = video()[:2]
+        res["fa4_video_with_lse_ms"] = timed(video)
         lse2 = (lse / fa.LN2).transpose(1, 2).contiguous()
         for cfg in ((64, 64, 8, 2), (128, 64, 8, 2), TEXT_CONFIG):   # the first two: the 11-30 A/B's
             o = out.clone()
-            res["text_merge_%d_%d_%d_%d_ms" % cfg] = round(common.device_time_ms(
-                lambda: attend_text_into(o, lse2, q, tk, tv, scale, config=cfg), q.device, 2, iters), 3)
+            res["text_merge_%d_%d_%d_%d_ms" % cfg] = timed(
+                lambda: attend_text_into(o, lse2, q, tk, tv, scale, config=cfg))
+        del out, lse, lse2, o
+        S, L = k.shape[1], tk.shape[1]
+        res["joint_cat_only_ms"] = timed(lambda: (torch.cat([k, tk], 1), torch.cat([v, tv], 1)))
+        kj, vj = torch.cat([k, tk], 1), torch.cat([v, tv], 1)
+        *lists, allowed = joint_tables(t, S, L)
+        bst_j = bst_cls(*lists, block_size=t.tile)
+        mod_j = mods("div", t.P, 0)
+        joint = lambda kk, vv: func(q, kk, vv, softmax_scale=scale, mask_mod=mod_j,  # noqa: E731
+                                    aux_tensors=[allowed], block_sparse_tensors=bst_j, return_lse=False)[0]
+        res["joint_ms"] = timed(lambda: joint(kj, vj))
+        res["joint_err"] = rel_err(joint(kj, vj), ref)
+        del kj, vj
+        res["joint_cat_ms"] = timed(lambda: joint(torch.cat([k, tk], 1), torch.cat([v, tv], 1)))
+        if q.shape[0] > 1:
+            one = Problem.from_tensors(q[:1], k[:1], mask, tk[:1])
+            plan1 = be.plan(mask, one)
+            per = lambda: [be.run(plan1, q[b:b + 1], k[b:b + 1], v[b:b + 1], tk[b:b + 1], tv[b:b + 1], scale)  # noqa: E731
+                           for b in range(q.shape[0])]
+            res["per_batch_ms"] = timed(per)
+            res["per_batch_err"] = rel_err(torch.cat(per(), 0), ref)
     except Exception as e:  # noqa: BLE001
         res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return res
@@ -204,18 +302,18 @@ def markdown(meta, records):
     lines = [f"# fa4 mask_mod A/B ({meta['device']})", "", f"Command: `{meta['command']}`", "",
              "ms (median of %d), effective TFLOP/s, speed vs `table`; `true` and `nomask` give wrong "
              "outputs on purpose (bounds)." % meta["iters"], "",
-             "| shape | partial tiles | " + " | ".join(VARIANTS) + " | mulhi == table |",
-             "|---|---|" + "---|" * len(VARIANTS) + "---|"]
+             "| shape | partial tiles | " + " | ".join(meta["variants"]) + " | == table |",
+             "|---|---|" + "---|" * len(meta["variants"]) + "---|"]
     for rec in records:
         cells = []
-        for name in VARIANTS:
+        for name in meta["variants"]:
             r = rec["variants"].get(name, {})
             cells.append(f"{r['ms']:.2f} ({r['tflops']:.0f}, {r.get('speed_vs_table', 1):.3f})" if "ms" in r
                          else "error: " + r.get("error", "not run")[:60].replace("|", "/"))
         tiles = rec.get("tiles", {})
         part = tiles.get("partial", 0) / max(tiles.get("full", 0) + tiles.get("partial", 0), 1)
         lines.append(f"| {rec['shape']} | {part:.3f} | " + " | ".join(cells)
-                     + f" | {rec.get('mulhi_equals_table', 'n/a')} |")
+                     + f" | {', '.join(f'{n} {e}' for n, e in rec.get('equals_table', {}).items()) or 'n/a'} |")
     for rec in records:
         if "text" in rec:
             lines += ["", f"Text pass at {rec['shape']}: " + ", ".join(f"{k} {v}" for k, v in rec["text"].items())]
@@ -228,26 +326,29 @@ def main(argv=None):
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--shapes", nargs="*", default=SHAPES)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--device", default="cuda")
 
     args = p.parse_args(argv)
     from lvsa_cuda import fa4_backend as fa
 
     device = torch.device(args.device)
-    records = []
-    for name in args.shapes:
-        records.append(bench(name, args.iters, device, fa, lambda m: print(m, flush=True)))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "command": "python3 benchmarks/fa4_mask_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "iters": args.iters, "torch": torch.__version__, "fa4": fa._fa4_version()}
+            "iters": args.iters, "variants": args.variants, "shipped": fa.MASK_KIND, "torch": torch.__version__,
+            "fa4": fa._fa4_version()}
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"fa4-mask-ab-{args.tag}-{time.strftime('%Y%m%d-%H%M%S')}")
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=1)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(meta, records))
+    records = []
+    for name in args.shapes:
+        records.append(bench(name, args.iters, device, fa, lambda m: print(m, flush=True), args.variants))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        # written after every shape: a device call cut short keeps what it measured
+        with open(base + ".json", "w") as f:
+            json.dump({"meta": meta, "records": records}, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(meta, records))
     print(markdown(meta, records))
     return records
 

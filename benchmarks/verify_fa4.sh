@@ -7,12 +7,13 @@
 # (+ libs-base, libs-core, libs-cu13), quack-kernels, torch-c-dlpack-ext, einops, apache-tvm-ffi
 # (pip download --python-version 3.12 --only-binary=:all:, unzipped; benchmarks/NOTES.md). It is
 # extracted into .gpu-site/ (git-ignored), which the device keeps for the next call while warm.
-# Second argument `ab`: instead of the attention benchmark, the mask_mod A/B (benchmarks/fa4_mask_ab.py).
-#   device run --carry .fa4: bash benchmarks/verify_fa4.sh [TAG] [bench|ab]
+# Second argument `ab`: instead of the attention benchmark, the mask_mod A/B (benchmarks/fa4_mask_ab.py);
+# `tests`: no benchmark (the GPU tests and conformance only).
+#   device run --carry .fa4: bash benchmarks/verify_fa4.sh [TAG] [bench|ab|tests]
 set -uo pipefail
 tag=${1:-fa4}
 stage=${2:-bench}
-case "$stage" in bench|ab) ;; *) echo "unknown stage '$stage': bench or ab" >&2; exit 2;; esac
+case "$stage" in bench|ab|tests) ;; *) echo "unknown stage '$stage': bench, ab or tests" >&2; exit 2;; esac
 start=$(date +%s)
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -35,7 +36,9 @@ timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_fa4_backend.p
 echo "[run] GPU tests (incl. FA4 compiles) $(( $(date +%s) - t0 ))s" | tee -a "$log"
 timeout 120 python3 -m lvsa.testing fa4 --device cuda 2>&1 | tail -30 | tee -a "$log"
 left=$(( 540 - ($(date +%s) - start) ))
-if [ "$stage" = ab ]; then
+if [ "$stage" = tests ]; then
+  :   # the GPU tests and conformance only (the one attention run follows in run_bench_h200_next.sh)
+elif [ "$stage" = ab ]; then
   timeout -s INT $(( left + 10 )) python3 benchmarks/fa4_mask_ab.py --tag "$tag" --out "$out" 2>&1 | grep -v Warning | tail -30 | tee -a "$log"
 else
 timeout -s INT $(( left + 10 )) python3 -m lvsa bench attention --out "$out" --tag "$tag" --no-progress \

@@ -5,8 +5,8 @@ unmasked and ``mask_block_idx[b, h, m, :mask_block_cnt]`` through ``mask_mod``; 
 key tile is skipped; rows/keys past the sequence are masked; the LSE is natural-log
 ``[B, H, Sq]``; without ``block_sparse_tensors`` it is FA4's dense forward (every key).
 The ``mask_mod`` here is the backend's torch twin of its CuTe function
-(:func:`lvsa_cuda.fa4_backend.frame_mask_torch`), so the backend's tables and aux tensors
-are what decide the result. The fixture :func:`fake_fa4` installs it."""
+(:func:`lvsa_cuda.fa4_backend.torch_mask_mod`, the same kind and constants), so the
+backend's tables, aux tensors and mask_mod constants are what decide the result. The fixture :func:`fake_fa4` installs it."""
 from typing import NamedTuple, Optional, Tuple
 
 import pytest
@@ -73,7 +73,7 @@ def fake_fa4(monkeypatch):
     from lvsa_cuda import fa4_backend as fa
 
     calls.clear()
-    monkeypatch.setattr(fa, "kernel", lambda: (flash_attn_func, StandinBST, fa.frame_mask_torch))
+    monkeypatch.setattr(fa, "kernel", lambda: (flash_attn_func, StandinBST, fa.torch_mask_mod))
     monkeypatch.setattr(fa, "dense_func", lambda: flash_attn_func)
     monkeypatch.setattr(fa, "_import_error", lambda: None)
     monkeypatch.setattr(fa.FA4Backend, "missing_packages", lambda self: [])

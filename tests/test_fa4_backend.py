@@ -14,34 +14,37 @@ from lvsa_cuda import fa4_backend as fa
 from fa4_standin import fake_fa4  # noqa: F401 - fixture
 
 
-def _expand(t: fa.TileTables, n: int, S: int) -> torch.Tensor:
-    """Token-level picture of the tables: full tiles all True, partial tiles the mask_mod."""
+def _expand(t: fa.TileTables, n: int, S: int, kind: str = "table") -> torch.Tensor:
+    """Token-level picture of the tables: full tiles all True, partial tiles mask_mod ``kind``
+    (its torch twin, with the tables' constants and aux tensors)."""
     tm, tn = t.tile
     out = torch.zeros(n, S, dtype=torch.bool)
-    aux = (t.q_frame, t.k_frame, t.allowed)
+    aux, mod = t.aux(kind), fa.torch_mask_mod(kind, t.P, t.r)
     for m in range(t.mask_cnt.shape[-1]):
         rows = torch.arange(m * tm, min((m + 1) * tm, n))
         for j in t.full_idx[0, 0, m, :int(t.full_cnt[0, 0, m])].tolist():
             out[rows[0]:rows[-1] + 1, j * tn:min((j + 1) * tn, S)] = True
         for j in t.mask_idx[0, 0, m, :int(t.mask_cnt[0, 0, m])].tolist():
             cols = torch.arange(j * tn, min((j + 1) * tn, S))
-            out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = fa.frame_mask_torch(rows, cols, aux)
+            out[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = mod(rows, cols, aux)
     return out
 
 
+@pytest.mark.parametrize("kind", fa.MASK_KINDS)
 @pytest.mark.parametrize("T,P,tile,rows,mode", [
     (5, 1560, (128, 128), None, 1),       # Wan's P (not a multiple of any tile), FA4's tile
     (7, 12, (8, 4), (17, 61), 1),         # query rows cut inside frames
     (6, 5, (8, 8), None, 0),              # tiles wider than a frame (up to 3 frames per tile)
     (9, 13, (16, 16), (0, 117), 2),
+    (8, 10, (16, 8), (35, 80), 1),        # rows start and end mid-frame, tiles wider than a frame
 ])
-def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode):
+def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode, kind):
     mask = plan_schedule(T, W=1, n=1, reference=3).mask(mode)
     S = T * P
     lo, hi = rows or (0, S)
     t = fa.tile_tables(mask, P, rows, tile)
     want = mask.to_dense("token", tokens_per_frame=P)[lo:hi]
-    assert torch.equal(_expand(t, hi - lo, S), want)
+    assert torch.equal(_expand(t, hi - lo, S, kind), want)
     tm, tn = tile
     # full tiles are entirely attended, partial tiles mixed, absent tiles entirely masked
     for m in range(t.full_cnt.shape[-1]):
@@ -124,7 +127,7 @@ def test_tables_on_each_device_match_a_per_tile_reference(device, T, P, tile, ro
         assert torch.equal(got.cpu(), ref), name
     assert t.counts == counts
     cpu = fa.tile_tables(mask, P, rows, tile)     # the CPU build: identical, bit for bit
-    for name in ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed"):
+    for name in fa.TileTables.TENSORS:
         assert torch.equal(getattr(t, name).cpu(), getattr(cpu, name)), name
 
 
@@ -185,8 +188,13 @@ def test_compile_key_follows_what_fa4_compiles_for(monkeypatch):
     monkeypatch.setattr(fa, "dist_version", lambda *d: "4.0.0b36")
     be = fa.FA4Backend()
     key = lambda **kw: be.compile_key(_problem(**kw))  # noqa: E731
-    assert key(batch=1, text_len=0) == "bfloat16 head_dim=128 sm_90 fa4 4.0.0b36"
-    assert key(batch=2, text_len=256) == "bfloat16 head_dim=128 +text batch>1 sm_90 fa4 4.0.0b36"
+    assert key(batch=1, text_len=0) == "bfloat16 head_dim=128 P=1560 sm_90 fa4 4.0.0b36"
+    assert key(batch=2, text_len=256) == "bfloat16 head_dim=128 P=1560 +text batch>1 sm_90 fa4 4.0.0b36"
+    # the div mask_mod's constants: tokens per frame, and the query rows' offset inside a frame
+    assert "P=1350" in key(seq_len=9 * 1350, P=1350)
+    assert key(q_rows=(3 * 1560, 9 * 1560)) == key() and " r=7 " in key(q_rows=(1567, 9 * 1560))
+    monkeypatch.setattr(fa, "MASK_KIND", "table")
+    assert key(seq_len=9 * 1350, P=1350) == key() and "P=" not in key()
     assert key(batch=3) == key(batch=2) != key(batch=1)
     assert "gqa4" in key(num_heads=16, num_kv_heads=4) and key(num_heads=16, num_kv_heads=4) != key(
         num_heads=16, num_kv_heads=2)
@@ -205,9 +213,11 @@ def test_blackwell_tables_use_fa4s_256_row_query_blocks():
     assert be.tile_for(_problem(compute_capability=(10, 3))) == (16, 8)
 
 
+@pytest.mark.parametrize("kind", fa.MASK_KINDS)
 @pytest.mark.parametrize("B,H,Hkv,L,D,tile", [(2, 4, 2, 5, 16, (8, 8)), (1, 2, 2, 0, 8, (128, 128)),
                                               (2, 2, 1, 3, 16, (16, 8))])
-def test_plan_and_run_against_the_reference(fake_fa4, B, H, Hkv, L, D, tile):
+def test_plan_and_run_against_the_reference(fake_fa4, monkeypatch, B, H, Hkv, L, D, tile, kind):
+    monkeypatch.setattr(fa, "MASK_KIND", kind)
     T, P = 7, 12
     mask = plan_schedule(T, 1, 1, 3).mask(1)
     g = torch.Generator().manual_seed(B * 10 + H + D)
@@ -226,8 +236,10 @@ def test_plan_and_run_against_the_reference(fake_fa4, B, H, Hkv, L, D, tile):
     assert torch.allclose(out2, ref2, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", fa.MASK_KINDS)
 @pytest.mark.parametrize("rows,L", ROW_CASES)
-def test_query_rows(fake_fa4, rows, L):
+def test_query_rows(fake_fa4, monkeypatch, rows, L, kind):
+    monkeypatch.setattr(fa, "MASK_KIND", kind)
     mask, q, k, v, tk, tv, ref = query_rows_case(L)
     lo, hi = rows
     be = fa.FA4Backend()
@@ -292,7 +304,9 @@ def _real_fa4():
     (64, 8, 2, 2, 6, 333, 7, None, torch.float16),           # GQA, head_dim 64, ragged P
     (128, 4, 4, 1, 8, 1000, 5, (1500, 6100), torch.bfloat16),  # query rows cut inside frames
 ])
-def test_real_kernel_against_the_reference(D, H, Hkv, B, T, P, L, rows, dtype):
+@pytest.mark.parametrize("kind", fa.MASK_KINDS)
+def test_real_kernel_against_the_reference(D, H, Hkv, B, T, P, L, rows, dtype, kind, monkeypatch):
+    monkeypatch.setattr(fa, "MASK_KIND", kind)
     dev = "cuda"
     mask = plan_schedule(T, W=1, n=1, reference=3).mask(1)
     g = torch.Generator(device=dev).manual_seed(T * P + D)

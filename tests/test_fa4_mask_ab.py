@@ -1,6 +1,10 @@
 """benchmarks/fa4_mask_ab.py (the device A/B of the fa4 mask_mod kinds) end to end on the
 CPU stand-in of FA4, so a device call never fails on the script itself: the two real
-mask_mods (the backend's and the multiply-high candidate) match the reference, ``nomask`` (partial tiles run unmasked) does not, the files are written."""
+mask_mods (``table``, the backend's ``div``, the candidates ``divs`` and multiply-high) match the
+reference and each other, ``nomask`` (partial tiles run unmasked) does not; the text pass's
+``joint`` tables (text keys as FA4 key tiles) and ``per_batch`` give the reference; the files
+are written."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -8,6 +12,7 @@ import os
 import torch
 
 from fa4_standin import fake_fa4  # noqa: F401 - fixture
+from test_fa4_backend import _expand
 
 HERE = os.path.dirname(__file__)
 
@@ -20,21 +25,52 @@ def _script():
 
 
 def test_ab_script_on_the_standin(fake_fa4, tmp_path, monkeypatch):
+    from lvsa.bench.attention import SHAPE_BY_NAME
+    from lvsa_cuda import fa4_backend as fa
+
     ab = _script()
     monkeypatch.setattr(ab, "true_mask_mod", lambda: lambda rows, cols, aux: torch.ones(len(rows), len(cols), dtype=torch.bool))
     monkeypatch.setattr(ab, "mulhi_mask_mod", lambda: ab.mulhi_torch)
+    monkeypatch.setattr(ab, "divs_mask_mod", lambda P, r: fa.torch_mask_mod("div", P, r))
+    monkeypatch.setitem(SHAPE_BY_NAME, "quick-hy-t49-text-b2",
+                        dataclasses.replace(SHAPE_BY_NAME["quick-hy-t49-text"], name="quick-hy-t49-text-b2", batch=2))
     recs = ab.main(["--tag", "t", "--out", str(tmp_path), "--device", "cpu", "--iters", "1",
-                    "--shapes", "quick-wan-t41", "quick-hy-t49-text"])
+                    "--variants", *ab.ALL_VARIANTS,
+                    "--shapes", "quick-wan-t41", "quick-hy-t49-text", "quick-hy-t49-text-b2"])
     for rec in recs:
         v = rec["variants"]
-        assert set(v) == set(ab.VARIANTS) and not any("error" in r for r in v.values()), v
-        assert v["table"]["err_vs_reference"] < 1e-2 and v["mulhi"]["err_vs_reference"] < 1e-2
+        assert set(v) == set(ab.ALL_VARIANTS) and not any("error" in r for r in v.values()), v
+        for kind in ab.REAL:
+            assert v[kind]["err_vs_reference"] < 1e-2, kind
         assert v["nomask"]["err_vs_reference"] > 0.05     # partial tiles unmasked: wrong, as meant
-        assert rec["mulhi_equals_table"] is True and rec["tiles"]["partial"] > 0
-    assert "text_merge_64_64_8_2_ms" in recs[1]["text"] and "error" not in recs[1]["text"], recs[1]["text"]
+        assert rec["equals_table"] == {"div": True, "divs": True, "mulhi": True} and rec["tiles"]["partial"] > 0
+    for rec in recs[1:]:
+        text = rec["text"]
+        assert "error" not in text and "text_merge_64_64_8_2_ms" in text, text
+        for key in ("fa4_with_text_div_err", "fa4_with_text_table_err", "joint_err"):
+            assert text[key] < 1e-2, (key, text)
+    assert "per_batch_err" not in recs[1]["text"] and recs[2]["text"]["per_batch_err"] < 1e-2
     (j,) = tmp_path.glob("fa4-mask-ab-t-*.json")
     assert json.loads(j.read_text())["records"][0]["shape"] == "quick-wan-t41"
     assert "| quick-hy-t49-text |" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_joint_tables_put_every_text_key_in_every_query_tile():
+    """``joint_tables``: the text keys after the video as key tiles, all attended; the video
+    part of every tile as the backend's tables have it (token picture against the mask)."""
+    from lvsa.schedule import plan_schedule
+    from lvsa_cuda import fa4_backend as fa
+
+    ab = _script()
+    for T, P, L, tile in ((7, 12, 5, (8, 8)), (6, 16, 16, (16, 8)), (5, 10, 23, (8, 16))):
+        mask = plan_schedule(T, W=1, n=1, reference=3).mask(1)
+        S = T * P
+        t = fa.tile_tables(mask, P, None, tile)
+        mask_cnt, mask_idx, full_cnt, full_idx, allowed = ab.joint_tables(t, S, L)
+        joint = dataclasses.replace(t, mask_cnt=mask_cnt, mask_idx=mask_idx, full_cnt=full_cnt,
+                                    full_idx=full_idx, allowed_div=allowed)
+        want = torch.cat([mask.to_dense("token", tokens_per_frame=P), torch.ones(S, L, dtype=torch.bool)], 1)
+        assert torch.equal(_expand(joint, S, S + L, "div"), want)
 
 
 

@@ -19,14 +19,17 @@ depend on batch or heads (stride-0 broadcast) and are built once per (mask, rows
 few dozen torch ops on the problem's device (the GPU for a CUDA problem: 3-6 ms on the H200;
 10 ms on a 2-core CPU at Wan's T_lat 81, ``benchmarks/bench_planner.py``) from a
 summed-area table of the frame mask: no token-level mask is ever built. The ``mask_mod``
-reads three small int32 tables passed as FA4 ``aux_tensors``: the frame of every query
-row, the frame of every key, and the ``T x T`` frame mask. So one compiled kernel serves
-every geometry (FA4 compiles per :meth:`FA4Backend.compile_key`: dtype, head dim, text,
-GQA ratio, batch 1 or more, GPU).
+(:data:`MASK_KIND` ``div``) finds the query row's and the key's frames by integer division
+by the tokens per frame ``P``, a compile-time constant (a multiply-high, no memory access),
+and reads the frame mask, the one small int32 table passed as FA4's ``aux_tensors``. So one
+compiled kernel serves every schedule and length with the same ``P`` (FA4 compiles per
+:meth:`FA4Backend.compile_key`: dtype, head dim, text, GQA ratio, batch 1 or more, ``P``,
+GPU). The first mask_mod (``table``: the two frames from per-token tables, three loads per
+element) stays selectable for ``benchmarks/fa4_mask_ab.py``.
 
 Text tokens are merged exactly from FA4's natural-log LSE with the same in-place merge
-kernel as the flashinfer backend; query rows ``[lo, hi)`` (sequence parallelism) shift
-the query-frame table, nothing else.
+kernel as the flashinfer backend; query rows ``[lo, hi)`` (sequence parallelism) start
+the frame mask's rows at ``lo``'s frame and add ``lo % P`` to the row index, nothing else.
 """
 from __future__ import annotations
 
@@ -60,14 +63,26 @@ class TileTables:
     q_frame: torch.Tensor   # [M * tile_m] int32: frame of each (padded) query row
     k_frame: torch.Tensor   # [N * tile_n] int32: frame of each (padded) key
     allowed: torch.Tensor   # [T, T] int32: the frame mask
+    #: ``[Fq, Fk]`` int32: the frame mask as the ``div`` mask_mod indexes it, row ``i`` the
+    #: query frame ``lo // P + i``, zero past the mask (padded rows and keys land there)
+    allowed_div: torch.Tensor
     tile: Tuple[int, int]
     #: tiles run: full, partial (a mask_mod per element), and all tiles of the grid
     counts: Tuple[int, int, int]
+    #: tokens per frame and the first query row's offset in its frame (``lo % P``): the
+    #: ``div`` mask_mod's compile-time constants
+    P: int = 0
+    r: int = 0
+
+    TENSORS = ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed", "allowed_div")
 
     def to(self, device) -> "TileTables":
-        moved = {k: getattr(self, k).to(device) for k in
-                 ("mask_cnt", "mask_idx", "full_cnt", "full_idx", "q_frame", "k_frame", "allowed")}
-        return TileTables(**moved, tile=self.tile, counts=self.counts)
+        moved = {k: getattr(self, k).to(device) for k in self.TENSORS}
+        return TileTables(**moved, tile=self.tile, counts=self.counts, P=self.P, r=self.r)
+
+    def aux(self, kind: str) -> List[torch.Tensor]:
+        """The ``aux_tensors`` of mask_mod ``kind`` (:data:`MASK_KINDS`)."""
+        return [self.allowed_div] if kind == "div" else [self.q_frame, self.k_frame, self.allowed]
 
 
 def _stable_partition(flag: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -130,24 +145,64 @@ def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = Non
     mask_cnt, mask_idx = per_tile(part_n, part_order, p_w)
     q_frame = torch.clamp((lo + torch.arange(M * tm, device=dev)) // P, max=T - 1).to(torch.int32)
     k_frame = torch.clamp(torch.arange(N * tn, device=dev) // P, max=T - 1).to(torch.int32)
+    f0, r = divmod(lo, P)
+    allowed_div = torch.zeros((r + M * tm - 1) // P + 1, (N * tn - 1) // P + 1, dtype=torch.int32, device=dev)
+    rows = allowed[f0:f0 + allowed_div.shape[0]]
+    allowed_div[:rows.shape[0], :T] = rows
     return TileTables(mask_cnt, mask_idx, full_cnt, full_idx, q_frame, k_frame,
-                      allowed.contiguous(), tile, (f_tot, p_tot, M * N))
+                      allowed.contiguous(), allowed_div, tile, (f_tot, p_tot, M * N), P, r)
 
 
-def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux) -> torch.Tensor:
-    """What :func:`mask_mod` computes, in torch: ``allowed[q_frame[q], k_frame[kv]]``
+#: the mask_mods lvsa can hand FA4 (each a CuTe function and its torch twin):
+#: ``div``    the query row's and the key's frames by unsigned integer division by the
+#:            compile-time constant ``P`` (a multiply-high), then one load of the frame mask:
+#:            what the backend runs (:data:`MASK_KIND`; 1.01-1.03x ``table`` on the H200,
+#:            ``fa4-mask-ab-div-*``);
+#: ``table``  three loads: the query row's frame, the key's frame, the frame mask (the first
+#:            mask_mod; ``benchmarks/fa4_mask_ab.py`` times the two side by side).
+MASK_KINDS = ("div", "table")
+MASK_KIND = "div"
+
+
+def frame_mask_torch(q_idx: torch.Tensor, kv_idx: torch.Tensor, aux, P: int = 0, r: int = 0) -> torch.Tensor:
+    """What :func:`mask_mod` computes, in torch: ``allowed[q_frame[q], k_frame[kv]]`` (three
+    aux tensors: ``table``), or with one aux tensor (``div``) ``allowed_div[(q + r) // P, kv // P]``
     (the CPU stand-in of FA4 evaluates partial tiles with this)."""
+    if len(aux) == 1:
+        q, kv = q_idx.long(), kv_idx.long()
+        return aux[0][((q + r) // P)[:, None], (kv // P)[None, :]] != 0
     q_frame, k_frame, allowed = aux
     return allowed[q_frame[q_idx.long()].long()[:, None], k_frame[kv_idx.long()].long()[None, :]] != 0
 
 
-@functools.lru_cache(maxsize=1)
-def mask_mod():
-    """The CuTe-DSL ``mask_mod`` FA4 calls on each element of a partial tile: three
-    int32 loads (query frame, key frame, frame mask), all cached on chip."""
+def torch_mask_mod(kind: str = "table", P: int = 0, r: int = 0):
+    """The torch twin of :func:`mask_mod` ``(kind, P, r)`` (what FA4's CPU stand-in calls)."""
+    return functools.partial(frame_mask_torch, P=P, r=r) if kind == "div" else frame_mask_torch
+
+
+@functools.lru_cache(maxsize=None)
+def mask_mod(kind: str = "table", P: int = 0, r: int = 0):
+    """The CuTe-DSL ``mask_mod`` FA4 calls on each element of a partial tile.
+
+    ``table``: three int32 loads (query frame, key frame, frame mask), all cached on chip.
+    ``div``: ``(q + r) // P`` and ``kv // P`` in unsigned 32-bit arithmetic (the signed
+    division measured 0.97-1.02x ``table``, the unsigned 1.01-1.03x), ``P`` and ``r`` compile-time constants
+    (FA4 hashes the closure: one kernel per tokens-per-frame and row offset), then one load
+    of the padded frame mask ``[Fq, Fk]``."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute import utils
+
+    if kind == "div":
+        @cute.jit
+        def lvsa_frame_mask_div(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
+            allowed = aux_tensors[0]
+            fq = cutlass.Int32(cutlass.Uint32(m_idx[0] + r) // cutlass.Uint32(P))
+            fk = cutlass.Int32(cutlass.Uint32(n_idx[0]) // cutlass.Uint32(P))
+            hit = utils.scalar_to_ssa(allowed[fq, fk], cutlass.Int32)
+            return hit == utils.scalar_to_ssa(1, cutlass.Int32)
+
+        return lvsa_frame_mask_div
 
     @cute.jit
     def lvsa_frame_mask(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
@@ -161,12 +216,13 @@ def mask_mod():
 
 
 def kernel():
-    """``(flash_attn_func, BlockSparseTensorsTorch, mask_mod)`` of the installed FA4
-    (a test replaces this with a CPU stand-in of the documented API)."""
+    """``(flash_attn_func, BlockSparseTensorsTorch, mask_mod)`` of the installed FA4, the
+    last a factory ``(kind, P, r) -> mask_mod`` (a test replaces this with a CPU stand-in of
+    the documented API and :func:`torch_mask_mod`)."""
     from flash_attn.cute import flash_attn_func
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    return flash_attn_func, BlockSparseTensorsTorch, mask_mod()
+    return flash_attn_func, BlockSparseTensorsTorch, mask_mod
 
 
 def dense_func():
@@ -287,10 +343,16 @@ class FA4Backend(CudaBackend):
 
     def compile_key(self, problem) -> str:
         """What FA4 compiles anew for (its own compile key, in lvsa's terms): dtype, head
-        dim, text (FA4 returns the LSE then), the exact GQA ratio, batch 1 or more (the
+        dim, the tokens per frame and the query rows' offset in their frame (the ``div``
+        mask_mod's constants), text (FA4 returns the LSE then), the exact GQA ratio, batch 1 or more (the
         tables broadcast over the batch with stride 0 only when it is > 1; FA4 keys on the
         broadcast pattern), one head or more (likewise), the GPU architecture."""
         key = f"{str(problem.dtype).replace('torch.', '')} head_dim={problem.head_dim}"
+        if MASK_KIND == "div" and problem.T:   # P and the row offset are the mask_mod's constants
+            P = problem.seq_len // problem.T
+            key += f" P={P}"
+            if problem.q_rows and problem.q_rows[0] % P:
+                key += f" r={problem.q_rows[0] % P}"
         if problem.text_len:
             key += " +text"
         if problem.gqa:
@@ -338,7 +400,8 @@ class FA4Backend(CudaBackend):
         scale = default_scale(D) if scale is None else float(scale)
         has_text = text_k is not None and text_k.shape[1] > 0
         t = handle.tables
-        func, bst_cls, mod = kernel()
+        func, bst_cls, mods = kernel()
+        mod = mods(MASK_KIND, t.P, t.r)
         bst = bst_cls(t.mask_cnt, t.mask_idx, t.full_cnt, t.full_idx, block_size=t.tile)
         strided = [n for n, x in (("q", q), ("k", k), ("v", v)) if x.stride(-1) != 1]
         if strided:  # FA4 reads rows of head_dim contiguous elements
@@ -348,8 +411,7 @@ class FA4Backend(CudaBackend):
                 "(pass [B, S, H, D] tensors with a unit last stride to avoid the copy)"))
             q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         with device_guard(q.device):
-            out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod,
-                            aux_tensors=[t.q_frame, t.k_frame, t.allowed],
+            out, lse = func(q, k, v, softmax_scale=scale, mask_mod=mod, aux_tensors=t.aux(MASK_KIND),
                             block_sparse_tensors=bst, return_lse=has_text)
         if has_text:
             # FA4's LSE is natural-log, [B, H, n]; the merge takes base 2, [B, n, H]
