@@ -4,7 +4,8 @@ benchmark results.
 Each row is one shape class (:func:`lvsa.costs.shape_class`: mask density bucket, heads
 bucket, head dim, text or not) with, per backend, its attention time relative to dense
 cuDNN attention of the same shape (the median over every measured shape of the class;
-lower is faster). Sources, best first:
+lower is faster; a shape measured in several files counts once per backend, from the newest
+file: give the files oldest first). Sources, best first:
 
 * ``lvsa bench attention`` results (``attention-*.json``): kernel times of every backend
   and of dense cuDNN at the same shape;
@@ -13,10 +14,11 @@ lower is faster). Sources, best first:
   results do not cover.
 
 The shipped H200 table (its ``sources`` list names the files: the final attention run, the
-two runs with fa4, and the one-GPU model runs with a dense baseline; the earlier tuning runs,
-call1/call2/full/flex/verify, are left out: the final run re-measured their shapes):
+runs with fa4 (the two ten-shape runs with its ``div`` mask_mod last, so their fa4 times are
+the ones counted at their shapes), and the one-GPU model runs with a dense baseline; the earlier
+tuning runs, call1/call2/full/flex/verify, are left out: the final run re-measured their shapes):
 
-    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-{final,fa4,rows}-*.json \
+    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-{final,fa4,rows,div14,div14b}-2*.json \
         benchmarks/results/model-h200-{final,rows,rows14b,verify2-cogvideox}-*.json
 """
 from __future__ import annotations
@@ -69,6 +71,9 @@ def build(paths):
     per_kind = {"attention": defaultdict(lambda: defaultdict(list)),
                 "model": defaultdict(lambda: defaultdict(list))}
     shapes = defaultdict(set)
+    #: (kind, shape, backend) -> (class key, relative time): a shape measured in several files
+    #: counts once per backend, from the newest file (the paths come oldest first)
+    newest = {}
     for p in paths:
         doc = json.loads(Path(p).read_text())
         dev = doc["meta"]["device"]
@@ -84,8 +89,10 @@ def build(paths):
         kind = "model" if "variants" in doc["records"][0] else "attention"
         rows = from_model(doc) if kind == "model" else from_attention(doc)
         for cls, backend, rel, shape in rows:
-            per_kind[kind][cls.key][backend].append(rel)
-            shapes[(kind, cls.key)].add(shape)
+            newest[(kind, shape, backend)] = (cls.key, rel)
+    for (kind, shape, backend), (key, rel) in newest.items():
+        per_kind[kind][key][backend].append(rel)
+        shapes[(kind, key)].add(shape)
     rows = {}
     for kind in ("attention", "model"):  # attention kernels first; model rows only fill gaps
         for key, by_backend in per_kind[kind].items():
