@@ -22,6 +22,7 @@ import torch
 
 import lvsa
 from lvsa import devices, npu_smi
+from lvsa.ops import append_text
 from lvsa.plugins import get_backend
 
 #: name -> (heads, T_lat, text tokens, batch, reference horizon), as in gpu-anchors.md
@@ -88,8 +89,7 @@ def main(argv=None):
         tk, tv = (mk(B, L, H, D), mk(B, L, H, D)) if L else (None, None)
         mask = lvsa.plan_schedule(T, 3, 1, args.reference or ref, tokens_per_frame=P).mask(0)
         scale = D ** -0.5
-        kk = torch.cat([k, tk], 1) if L else k
-        vv = torch.cat([v, tv], 1) if L else v
+        kk, vv = append_text(k, v, tk, tv)
         dense = lambda: torch_npu.npu_fusion_attention(q, kk, vv, H, "BSND", scale=scale)[0]  # noqa: E731
         pr, pa = reference.plan(mask, None), ascend.plan(mask, None)
         ref_out = reference.run(pr, q, k, v, tk, tv, scale)

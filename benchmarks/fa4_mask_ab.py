@@ -19,8 +19,9 @@ on its own) this times FA4's block-sparse forward several ways:
               key's frame as a 64-bit multiply-high by a loaded multiplier;
 - ``true``    a mask_mod that returns True: FA4's masked path without lvsa's work (the
               output is wrong: a bound, not a candidate);
-- ``nomask``  the partial tiles listed as full tiles: no masked path at all (wrong output:
-              the bound of any mask_mod).
+- ``nomask``  the partial tiles listed as full tiles (each row's list ascending, as the
+              backend's): no masked path at all (wrong output: the bound of any mask_mod;
+              before 11-30's fourth session the merged lists were not kept ascending).
 
 The real kinds are checked against the reference backend (relative L2) and against ``table``
 (same arithmetic: they must agree bit for bit). Where the shape has text, the text pass times
@@ -163,15 +164,18 @@ def true_mask_mod():
 
 def as_full(t):
     """``(mask_cnt, mask_idx, full_cnt, full_idx)`` with every partial tile moved to the full
-    list (no tile goes through the mask_mod)."""
+    list (no tile goes through the mask_mod), each row ascending as the backend's lists are
+    (FA4 runs a row from its end and seqlen-masks the first tile it runs)."""
     cnt = t.full_cnt + t.mask_cnt
     idx = torch.cat([t.full_idx, t.mask_idx], -1)
     fw, mw = t.full_idx.shape[-1], t.mask_idx.shape[-1]
     ar = lambda w: torch.arange(w, device=cnt.device)  # noqa: E731
     valid = torch.cat([ar(fw) < t.full_cnt[..., None], ar(mw) < t.mask_cnt[..., None]], -1)
-    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    big = torch.iinfo(torch.int32).max
+    keyed = torch.where(valid, idx, torch.full_like(idx, big))
     width = max(int(cnt.max()), 1)
-    full_idx = torch.gather(idx, -1, order)[..., :width].contiguous()
+    full_idx = torch.sort(keyed, dim=-1).values[..., :width]
+    full_idx = torch.where(full_idx == big, torch.zeros_like(full_idx), full_idx).contiguous()
     return torch.zeros_like(t.mask_cnt), t.mask_idx, cnt.to(torch.int32), full_idx
 
 

@@ -102,8 +102,14 @@ def build(paths):
                          "from": kind, "shapes": sorted(shapes[(kind, key)])}
     return {"format": TABLE_FORMAT, "device": device,
             "unit": "attention time / dense cuDNN attention time, same shape (lower is faster)",
-            "sources": [str(Path(p).relative_to(ROOT)) if Path(p).is_absolute() else str(p) for p in paths],
+            "sources": [_shown(p) for p in paths],
             "rows": dict(sorted(rows.items()))}
+
+
+def _shown(path) -> str:
+    """A source as the table lists it: relative to the repository when inside it."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_absolute() and p.is_relative_to(ROOT) else str(p)
 
 
 def _name_from(doc):

@@ -113,17 +113,48 @@ def test_shape_class_buckets():
 
 
 # ------------------------------------------------------------- the shipped table
-def test_shipped_table_is_derived_from_the_committed_results():
-    """lvsa/data/costs-nvidia-h200.json is exactly what the script makes from the results."""
+def _make_cost_table():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_cost_table", ROOT / "benchmarks" / "make_cost_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_shipped_table_is_derived_from_the_committed_results():
+    """lvsa/data/costs-nvidia-h200.json is exactly what the script makes from the results."""
+    mod = _make_cost_table()
     shipped = json.loads((ROOT / "lvsa" / "data" / "costs-nvidia-h200.json").read_text())
     remade = mod.build([str(ROOT / s) for s in shipped["sources"]])
     remade["sources"] = shipped["sources"]
     assert remade == shipped
+
+
+def test_a_shape_in_several_files_counts_once_per_backend_from_the_newest(tmp_path):
+    """A backend re-measured at a shape (a faster kernel since) counts with its newest time
+    only; a backend the newer file did not run keeps its older time; another shape of the
+    class still counts (the median over shapes)."""
+    mod = _make_cost_table()
+
+    def rec(shape, fa4, triton=None, batch=1):
+        res = {"dense_cudnn": {"ms": 100.0}, "fa4": {"ms": fa4}}
+        if triton:
+            res["triton"] = {"ms": triton}
+        return {"shape": shape, "heads": 12, "D": 128, "text": 0, "density": 0.259, "batch": batch, "results": res}
+
+    def write(name, records):
+        path = tmp_path / name
+        path.write_text(json.dumps({"meta": {"device": {"name": "NVIDIA H200"}}, "records": records}))
+        return str(path)
+
+    old = write("old.json", [rec("a", 30.0, triton=33.0), rec("b", 28.0)])
+    new = write("new.json", [rec("a", 26.0)])
+    (row,) = mod.build([old, new])["rows"].values()
+    assert row["costs"] == {"fa4": 0.27, "triton": 0.33}     # median(0.26, 0.28); triton from old
+    assert row["shapes"] == ["a B1", "b B1"]
+    (row,) = mod.build([new, old])["rows"].values()          # given the other way round: old wins
+    assert row["costs"]["fa4"] == 0.29
 
 
 @pytest.mark.parametrize("heads,density,text,cands,best", [

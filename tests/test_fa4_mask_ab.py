@@ -88,3 +88,20 @@ def test_mulhi_is_floor_division_wherever_it_is_called_exact():
         for n in (torch.arange(min(keys, 2 ** 22), dtype=torch.int64), top, mult, mult - 1):
             assert torch.equal((n * m) >> 32, n // P)
     assert not ab.mulhi_exact(2, 10)
+
+
+def test_nomask_lists_every_run_tile_as_full_ascending():
+    """``as_full`` (the ``nomask`` bound): per query tile, the full and partial tiles of the
+    backend's tables together, ascending like the backend's lists, none left to the mask_mod."""
+    from lvsa.schedule import plan_schedule
+    from lvsa_cuda import fa4_backend as fa
+
+    ab = _script()
+    t = fa.tile_tables(plan_schedule(9, W=1, n=1, reference=3).mask(1), 13, None, (16, 8))
+    mask_cnt, _, full_cnt, full_idx = ab.as_full(t)
+    assert int(mask_cnt.sum()) == 0 and int(t.mask_cnt.sum()) > 0
+    for m in range(full_cnt.shape[-1]):
+        got = full_idx[0, 0, m, :int(full_cnt[0, 0, m])].tolist()
+        want = (t.full_idx[0, 0, m, :int(t.full_cnt[0, 0, m])].tolist()
+                + t.mask_idx[0, 0, m, :int(t.mask_cnt[0, 0, m])].tolist())
+        assert got == sorted(want)
