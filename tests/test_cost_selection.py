@@ -339,7 +339,21 @@ def test_warmup_json_reports_seconds_per_backend(fakes, capsys):
     doc = json.loads(capsys.readouterr().out)
     jit = next(r for r in doc["backends"] if r["backend"] == "jit")
     assert jit["built"] == ["float32 head_dim=16 +text"] and jit["seconds"] > 0
-    assert doc["shapes"] == [{"head_dim": 16, "text": True}]
+    assert doc["shapes"] == [{"head_dim": 16, "text": True, "tokens_per_frame": 1560}]
+
+
+def test_warmup_shapes_carry_each_presets_tokens_per_frame():
+    """fa4 compiles per tokens-per-frame P: warmup builds each preset's P at its default
+    resolution (HunyuanVideo/Wan 480p 1560, CogVideoX 1350, Wan 2.2 TI2V 720p 880), or the
+    P values given; a P below 1 is refused with the option's name."""
+    from lvsa.commands.warmup import shapes_for
+
+    assert shapes_for(["wan2.1-t2v-1.3b"]) == [(128, False, 1560)]
+    assert shapes_for(["cogvideox-5b", "wan2.2-ti2v-5b"]) == [(64, True, 1350), (128, False, 880)]
+    assert shapes_for(["hunyuanvideo-1.5"], tokens_per_frame=[3600, 1560]) == [(128, True, 1560), (128, True, 3600)]
+    assert shapes_for(["wan"], head_dims=[64, 128]) == [(64, False, 1560), (128, False, 1560)]
+    with pytest.raises(ValueError, match="--tokens-per-frame 0"):
+        shapes_for(["wan"], tokens_per_frame=[0])
 
 
 # ------------------------------------------------------------- lvsa info

@@ -446,7 +446,8 @@ def test_info_shows_fa4_chosen_and_why_on_an_h200(h200, monkeypatch, capsys):
 
 def test_warmup_builds_fa4_for_batch_one_and_more(fresh_plugins, fake_fa4, monkeypatch, capsys):
     """lvsa warmup builds each FA4 kernel a generation can need: batch 1 and batch > 1 are two
-    (FA4 keys on the tables' broadcast pattern), and it says they last only in this process."""
+    (FA4 keys on the tables' broadcast pattern), for the given tokens per frame (a constant of
+    the mask_mod: each P its own kernel), and it says they last only in this process."""
     import json
 
     from lvsa import cli
@@ -454,16 +455,18 @@ def test_warmup_builds_fa4_for_batch_one_and_more(fresh_plugins, fake_fa4, monke
     monkeypatch.setattr(fa.FA4Backend, "devices", ("cuda", "cpu"))  # the stand-in runs on the CPU
     monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
     assert cli.main(["warmup", "--backends", "fa4", "--device", "cpu", "--model", "wan2.1-t2v-1.3b",
-                     "--json"]) == 0
+                     "--tokens-per-frame", "16", "24", "--json"]) == 0
     out, err = capsys.readouterr()
     rec = next(r for r in json.loads(out)["backends"] if r["backend"] == "fa4")
-    assert len(rec["built"]) == 2 and not rec["failed"]
-    assert ["batch>1" in k for k in rec["built"]] == [False, True]
-    assert len(fake_fa4) == 2                                          # two kernel calls, one per key
+    assert len(rec["built"]) == 4 and not rec["failed"]
+    assert [("batch>1" in k, "P=16" in k) for k in rec["built"]] == [
+        (False, True), (True, True), (False, False), (True, False)]
+    assert len(fake_fa4) == 4                                          # one kernel call per key
     assert "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1" in rec["in_memory"]
     for key in rec["built"]:
         assert f"[LVSA] compiling fa4 for {key}..." in err
-    assert cli.main(["warmup", "--backends", "fa4", "--device", "cpu", "--model", "wan2.1-t2v-1.3b"]) == 0
+    assert cli.main(["warmup", "--backends", "fa4", "--device", "cpu", "--model", "wan2.1-t2v-1.3b",
+                     "--tokens-per-frame", "16"]) == 0
     assert "fa4: built in this process only, the next one compiles again: FA4 keeps" in capsys.readouterr().out
 
 

@@ -2,8 +2,9 @@
 
 A backend that compiles on first use (FlashInfer's JIT: 77-97 s on an H200; FA4's CuTe
 DSL: ~5 s; Triton: seconds) does it here instead, once per compile key (dtype, head dim,
-text or not, GQA; FA4 also batch 1 and batch > 1), for the shapes of the chosen model
-presets at batch 1 and 2; the compile caches on disk, so the next process starts warm
+text or not, GQA; FA4 also batch 1 and batch > 1 and the tokens per latent frame, a
+constant of its mask_mod), for the shapes of the chosen model presets (their tokens per
+frame at their default resolution, or ``--tokens-per-frame``) at batch 1 and 2; the compile caches on disk, so the next process starts warm
 (a backend without an on-disk cache says how to get one: FA4 keeps its kernels in memory
 unless ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1``). Each kernel is built by one tiny
 attention call through lvsa's dispatcher (the same ``[LVSA] compiling ...`` lines a first
@@ -29,6 +30,9 @@ def register(sub):
                    help="model presets whose shapes to build (default: every preset; `lvsa info --presets`)")
     p.add_argument("--head-dims", type=int, nargs="*", default=None,
                    help="head dims to build (default: those of the presets)")
+    p.add_argument("--tokens-per-frame", type=int, nargs="*", default=None, metavar="P",
+                   help="tokens per latent frame to build for (default: each preset's at its default "
+                        "resolution; fa4 compiles per value, so give the P of another resolution here)")
     p.add_argument("--dtypes", nargs="*", default=["bfloat16"], choices=["bfloat16", "float16", "float32"])
     p.add_argument("--backends", nargs="*", default=None,
                    help="backends to build (default: every registered one that can run on the device)")
@@ -37,23 +41,30 @@ def register(sub):
     p.set_defaults(func=cmd_warmup)
 
 
-def shapes_for(models, head_dims=None):
-    """Distinct ``(head_dim, text)`` pairs of the presets ``models`` (``None``: all), or
-    every ``head_dims`` entry with and without text."""
+def shapes_for(models, head_dims=None, tokens_per_frame=None):
+    """Distinct ``(head_dim, text, P)`` triples of the presets ``models`` (``None``: all): each
+    preset's head dim, text or not and tokens per frame at its default resolution; ``head_dims``
+    replaces the head dims (every one with and without text as the presets have it),
+    ``tokens_per_frame`` the P values."""
     from ..presets import PRESETS, get_preset
 
     presets = list(PRESETS.values()) if not models else [get_preset(m) for m in models]
+    for P in tokens_per_frame or ():
+        if P < 1:
+            raise ValueError(f"--tokens-per-frame {P}: tokens per latent frame must be >= 1")
     if head_dims:
-        texts = sorted({bool(p.text_tokens) for p in presets})
-        return sorted({(d, t) for d in head_dims for t in texts})
-    return sorted({(p.head_dim, bool(p.text_tokens)) for p in presets})
+        dims = {(d, t) for d in head_dims for t in {bool(p.text_tokens) for p in presets}}
+        Ps = set(tokens_per_frame or (p.patches_per_frame() for p in presets))
+        return sorted((d, t, P) for d, t in dims for P in Ps)
+    return sorted({(p.head_dim, bool(p.text_tokens), P) for p in presets
+                   for P in (tokens_per_frame or (p.patches_per_frame(),))})
 
 
 #: batch sizes warmed: a backend whose kernels depend on the batch (FA4: 1 or more) gets both
 BATCHES = (1, 2)
 
 
-def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=None, out=print):
+def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False, 1560),), backends=None, out=print):
     """Build the kernels; returns one record per backend: ``{"backend", "seconds",
     "built": [...], "cached": [...], "failed": {...}, "skipped": reason or None,
     "in_memory": hint or None}`` (``in_memory``: the kernels last only in this process)."""
@@ -66,7 +77,7 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
 
     dev = torch.device(device) if device is not None else default_device()
     mask = plan_schedule(6, W=1, n=1, reference=2).mask(0)
-    P, H = 128, 2  # as benchmarks/prewarm: tiny, one block per frame
+    H = 2  # tiny: six frames of the shape's P, two heads
     bks = plugins.backends()
     names = backends or sorted(bks)
     records = []
@@ -79,7 +90,7 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
         seen = set()
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            for (D, text), B in ((s, b) for s in shapes for b in BATCHES):
+            for (D, text, P), B in ((s, b) for s in shapes for b in BATCHES):
                 problem = Problem(dev.type, dtype, B, 6 * P, H, H, D, text_len=8 if text else 0, T=6, P=P,
                                   compute_capability=compute_capability(dev) if dev.type == "cuda" else None,
                                   device=dev)
@@ -121,14 +132,15 @@ def warmup(device=None, dtypes=("bfloat16",), shapes=((128, False),), backends=N
 def cmd_warmup(args) -> int:
     from .. import plugins
 
-    shapes = shapes_for(args.model, args.head_dims)
+    shapes = shapes_for(args.model, args.head_dims, args.tokens_per_frame)
     if args.backends:
         for n in args.backends:
             plugins.get_backend(n)  # UnknownBackend names what is registered
     records = warmup(args.device, args.dtypes, shapes, args.backends,
                      out=(lambda s: None) if args.json else print)
     if args.json:
-        print(json.dumps({"shapes": [{"head_dim": d, "text": t} for d, t in shapes], "backends": records}, indent=1))
+        print(json.dumps({"shapes": [{"head_dim": d, "text": t, "tokens_per_frame": P} for d, t, P in shapes],
+                          "backends": records}, indent=1))
     else:
         for r in records:
             if r["built"] or r["cached"]:
