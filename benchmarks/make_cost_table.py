@@ -5,7 +5,7 @@ Each row is one shape class (:func:`lvsa.costs.shape_class`: mask density bucket
 bucket, head dim, text or not) with, per backend, its attention time relative to dense
 cuDNN attention of the same shape (the median over every measured shape of the class;
 lower is faster; a shape measured in several files counts once per backend, from the newest
-file: give the files oldest first). Sources, best first:
+file by the run's date in its ``meta``). Sources, best first:
 
 * ``lvsa bench attention`` results (``attention-*.json``): kernel times of every backend
   and of dense cuDNN at the same shape;
@@ -14,12 +14,13 @@ file: give the files oldest first). Sources, best first:
   results do not cover.
 
 The shipped H200 table (its ``sources`` list names the files: the final attention run, the
-runs with fa4 (the two ten-shape runs with its ``div`` mask_mod last, so their fa4 times are
-the ones counted at their shapes), and the one-GPU model runs with a dense baseline; the earlier
-tuning runs, call1/call2/full/flex/verify, are left out: the final run re-measured their shapes):
+runs with fa4 up to the newest ten-shape run with its ``div`` mask_mod (div14b; it re-measured
+every backend at every shape of div14, so that one would add nothing) and fa4's full-mask run
+(t21), and the one-GPU model runs with a dense baseline; the earlier tuning runs,
+call1/call2/full/flex/verify, are left out: the final run re-measured their shapes):
 
-    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-{final,fa4,rows,div14,div14b}-2*.json \
-        benchmarks/results/model-h200-{final,rows,rows14b,verify2-cogvideox}-*.json
+    python benchmarks/make_cost_table.py benchmarks/results/attention-h200-{final,fa4,rows,div14b,t21}-2*.json \
+        benchmarks/results/model-h200-{final,verify2-cogvideox,rows,rows14b}-*.json
 """
 from __future__ import annotations
 
@@ -72,10 +73,12 @@ def build(paths):
                 "model": defaultdict(lambda: defaultdict(list))}
     shapes = defaultdict(set)
     #: (kind, shape, backend) -> (class key, relative time): a shape measured in several files
-    #: counts once per backend, from the newest file (the paths come oldest first)
+    #: counts once per backend, from the newest file (by the run's date)
     newest = {}
-    for p in paths:
-        doc = json.loads(Path(p).read_text())
+    docs = [(p, json.loads(Path(p).read_text())) for p in paths]
+    # oldest first by the run's date (the given order where a file has none): newer files win
+    docs.sort(key=lambda pd: pd[1]["meta"].get("date") or "")
+    for p, doc in docs:
         dev = doc["meta"]["device"]
         if isinstance(dev, dict):  # lvsa bench attention
             name = dev.get("name") or dev.get("torch_device")

@@ -163,6 +163,9 @@ class Backend:
     #: how to keep its compiled kernels across processes when :meth:`compile_cache_dir` is
     #: ``None`` (they live in memory only): ``lvsa warmup`` and ``lvsa info`` say it
     compile_cache_hint: str = ""
+    #: a choice inside the backend's own code that changes its numbers (fa4: its mask_mod
+    #: kind), recorded by ``lvsa bench`` beside the versions; "" when there is none
+    variant: str = ""
 
     #: the rank of a backend that declares no :attr:`priority` (above the reference's 0)
     DEFAULT_PRIORITY = 10

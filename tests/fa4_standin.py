@@ -1,7 +1,8 @@
 """A CPU stand-in for FlashAttention-4's documented block-sparse forward
 (``flash_attn.cute.flash_attn_func`` with ``block_sparse_tensors`` and a ``mask_mod``):
 for query tile ``m`` the kernel runs the key tiles ``full_block_idx[b, h, m, :full_block_cnt]``
-unmasked and ``mask_block_idx[b, h, m, :mask_block_cnt]`` through ``mask_mod``; every other
+unmasked and ``mask_block_idx[b, h, m, :mask_block_cnt]`` through ``mask_mod`` (called on the
+whole tile, padded rows and keys included, as FA4 does); every other
 key tile is skipped; rows/keys past the sequence are masked; the LSE is natural-log
 ``[B, H, Sq]``; without ``block_sparse_tensors`` it is FA4's dense forward (every key).
 The ``mask_mod`` here is the backend's torch twin of its CuTe function
@@ -54,7 +55,11 @@ def flash_attn_func(q, k, v, softmax_scale=None, mask_mod=None, aux_tensors=None
                     allowed[b, h, rows[0]:rows[-1] + 1, n * tn:min((n + 1) * tn, Sk)] = True
                 for n in pick(bst.mask_block_idx)[:int(pick(bst.mask_block_cnt))].tolist():
                     cols = torch.arange(n * tn, min((n + 1) * tn, Sk))
-                    allowed[b, h, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = mask_mod(rows, cols, aux_tensors)
+                    # like FA4, the mask_mod sees the whole tile, padded rows and keys included (an
+                    # aux table too small for them fails here instead of reading past it on a GPU)
+                    tile = mask_mod(torch.arange(m * tm, (m + 1) * tm), torch.arange(n * tn, (n + 1) * tn),
+                                    aux_tensors)
+                    allowed[b, h, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = tile[:len(rows), :len(cols)]
     return _attend(q, k, v, allowed, softmax_scale, return_lse)
 
 

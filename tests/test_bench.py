@@ -39,6 +39,9 @@ def test_quick_model_run_writes_every_output(quick_model):
     assert meta["command"].startswith("lvsa bench model") and "--quick" in meta["command"]
     assert meta["device_before"]["cpu"]["name"] and "device_after" in meta
     assert meta["versions"]["diffusers"] == "0.42.1"
+    # the code behind the numbers: this checkout's commit, and fa4's mask_mod kind
+    assert len(meta["code"]["git_commit"]) == 40 and meta["code"]["git_dirty"] in (True, False)
+    assert meta["code"]["backend_variants"]["fa4"] == "mask_mod=div"
     assert [(r["model"], r["T"], r["batch"]) for r in records] == [
         ("tiny-wan", 21, 1), ("tiny-wan", 21, 2), ("tiny-wan", 41, 1), ("tiny-wan", 41, 2),
         ("tiny-hunyuan", 49, 1), ("tiny-cogvideox", 25, 1)]

@@ -143,18 +143,17 @@ def test_a_shape_in_several_files_counts_once_per_backend_from_the_newest(tmp_pa
             res["triton"] = {"ms": triton}
         return {"shape": shape, "heads": 12, "D": 128, "text": 0, "density": 0.259, "batch": batch, "results": res}
 
-    def write(name, records):
+    def write(name, records, date):
         path = tmp_path / name
-        path.write_text(json.dumps({"meta": {"device": {"name": "NVIDIA H200"}}, "records": records}))
+        path.write_text(json.dumps({"meta": {"device": {"name": "NVIDIA H200"}, "date": date}, "records": records}))
         return str(path)
 
-    old = write("old.json", [rec("a", 30.0, triton=33.0), rec("b", 28.0)])
-    new = write("new.json", [rec("a", 26.0)])
-    (row,) = mod.build([old, new])["rows"].values()
-    assert row["costs"] == {"fa4": 0.27, "triton": 0.33}     # median(0.26, 0.28); triton from old
-    assert row["shapes"] == ["a B1", "b B1"]
-    (row,) = mod.build([new, old])["rows"].values()          # given the other way round: old wins
-    assert row["costs"]["fa4"] == 0.29
+    old = write("old.json", [rec("a", 30.0, triton=33.0), rec("b", 28.0)], "2026-11-28T10:00:00+00:00")
+    new = write("new.json", [rec("a", 26.0)], "2026-11-30T13:00:00+00:00")
+    for order in ([old, new], [new, old]):                   # by the runs' dates, not the order given
+        (row,) = mod.build(order)["rows"].values()
+        assert row["costs"] == {"fa4": 0.27, "triton": 0.33}  # median(0.26, 0.28); triton from old
+        assert row["shapes"] == ["a B1", "b B1"]
 
 
 @pytest.mark.parametrize("heads,density,text,cands,best", [

@@ -64,6 +64,15 @@ def test_tile_tables_reproduce_the_token_mask(T, P, tile, rows, mode, kind):
     assert total == t.full_cnt.shape[-1] * -(-S // tn) and full + partial <= total
 
 
+def test_the_div_frame_mask_always_has_one_unit_stride():
+    """FA4 needs one stride-1 dimension in an aux tensor: a one-frame sequence of exactly one
+    key tile would make a [1, 1] table (both strides 1); its columns are padded to two."""
+    mask = plan_schedule(1, W=1, n=1, reference=1).mask(0)
+    t = fa.tile_tables(mask, 128)
+    assert t.allowed_div.shape == (1, 2) and t.allowed_div.stride() == (2, 1)
+    assert t.allowed_div.tolist() == [[1, 0]]
+
+
 def test_tables_at_wan_size_are_mostly_full_tiles():
     """Wan 1.3B T_lat 81 (P = 1560): 128 x 128 tiles that ignore frame boundaries leave only
     the tiles cut by a boundary of the attended set to the mask_mod."""

@@ -46,6 +46,31 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def code_state() -> Dict[str, Any]:
+    """The code that ran, beyond the versions: the git commit of the working directory (and
+    whether it had local changes; ``None`` outside a checkout, e.g. a copied tree) and each
+    registered backend's :attr:`~lvsa.backend.Backend.variant` where it has one."""
+    import subprocess
+
+    from .. import plugins
+
+    def git(*args):
+        try:
+            r = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    variants = {}
+    try:
+        variants = {n: b.variant for n, b in sorted(plugins.backends().items()) if getattr(b, "variant", "")}
+    except Exception as e:  # noqa: BLE001 - a broken plugin is the dispatcher's to report, not the record's
+        variants = {"error": f"{type(e).__name__}: {e}"[:200]}
+    return {"git_commit": commit, "git_dirty": dirty, "backend_variants": variants}
+
+
 def device_state(device) -> Dict[str, Any]:
     """The state of the device ``device`` (taken before and after a run); never raises.
 
@@ -138,7 +163,7 @@ def run_meta(prog: str, argv: Optional[Sequence[str]], device) -> Dict[str, Any]
                 "WORLD_SIZE", "RANK", "LOCAL_RANK", "TRITON_INTERPRET")
     return {"date": _now(), "command": " ".join([prog] + [shlex.quote(a) for a in args]),
             "argv": list(sys.argv),
-            "cwd": os.getcwd(), "versions": versions(),
+            "cwd": os.getcwd(), "versions": versions(), "code": code_state(),
             "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(env_keys)},
             "device": str(device), "device_before": device_state(device)}
 

@@ -23,8 +23,9 @@ summed-area table of the frame mask: no token-level mask is ever built. The ``ma
 by the tokens per frame ``P``, a compile-time constant (a multiply-high, no memory access),
 and reads the frame mask, the one small int32 table passed as FA4's ``aux_tensors``. So one
 compiled kernel serves every schedule and length with the same ``P`` (FA4 compiles per
-:meth:`FA4Backend.compile_key`: dtype, head dim, text, GQA ratio, batch 1 or more, ``P``,
-GPU). The first mask_mod (``table``: the two frames from per-token tables, three loads per
+:meth:`FA4Backend.compile_key`: dtype, head dim, text, GQA ratio, batch 1 or more, one head
+or more, ``P`` and the query rows' offset in their frame, GPU: so sequence parallelism whose
+ranks start mid-frame compiles one kernel per distinct offset, and a new resolution one per P). The first mask_mod (``table``: the two frames from per-token tables, three loads per
 element) stays selectable for ``benchmarks/fa4_mask_ab.py``.
 
 Text tokens are merged exactly from FA4's natural-log LSE with the same in-place merge
@@ -146,7 +147,9 @@ def tile_tables(mask: BlockMask, P: int, q_rows: Optional[Tuple[int, int]] = Non
     q_frame = torch.clamp((lo + torch.arange(M * tm, device=dev)) // P, max=T - 1).to(torch.int32)
     k_frame = torch.clamp(torch.arange(N * tn, device=dev) // P, max=T - 1).to(torch.int32)
     f0, r = divmod(lo, P)
-    allowed_div = torch.zeros((r + M * tm - 1) // P + 1, (N * tn - 1) // P + 1, dtype=torch.int32, device=dev)
+    # at least two columns: a [n, 1] table has two unit strides, which FA4 refuses for an aux tensor
+    allowed_div = torch.zeros((r + M * tm - 1) // P + 1, max((N * tn - 1) // P + 1, 2), dtype=torch.int32,
+                              device=dev)
     rows = allowed[f0:f0 + allowed_div.shape[0]]
     allowed_div[:rows.shape[0], :T] = rows
     return TileTables(mask_cnt, mask_idx, full_cnt, full_idx, q_frame, k_frame,
@@ -274,8 +277,8 @@ class FA4Backend(CudaBackend):
     name = "fa4"
     requires = ("flash_attn",)
     install_hint = "pip install lvsa-cuda[fa4]"
-    #: first on CUDA: measured faster than flashinfer at every H200 shape (1.01-1.03 of
-    #: ideal against 0.90-0.92); auto still goes by the device's cost table where it has one
+    #: first on CUDA: measured faster than flashinfer at every H200 shape (1.01-1.06 of
+    #: ideal against 0.90-0.93); auto still goes by the device's cost table where it has one
     priority = {"cuda": 120}
     supports_q_rows = True
     #: FA4's block-sparse forward exists for Hopper (sm_90) and Blackwell (sm_100):
@@ -288,8 +291,13 @@ class FA4Backend(CudaBackend):
     #: the tile grid of the tables on sm_90; FA4 runs 128 x 128 (tests use small tiles on the CPU)
     tile = TILE
     description = ("FlashAttention-4 CuTe-DSL forward, FlexAttention-style block sparsity over "
-                   "128x128 tiles that ignore frame boundaries, a frame-table mask_mod on cut "
-                   "tiles; text merged by LSE; pip install lvsa-cuda[fa4]")
+                   "128x128 tiles that ignore frame boundaries, a mask_mod on cut tiles (frames by "
+                   "division by the constant P, one frame-mask load); text merged by LSE; "
+                   "pip install lvsa-cuda[fa4]")
+
+    @property
+    def variant(self) -> str:
+        return f"mask_mod={MASK_KIND}"
 
     def availability_reasons(self):
         if self.missing_packages():
