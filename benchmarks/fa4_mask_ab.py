@@ -29,7 +29,8 @@ the whole ``fa4`` call with text under each real kind, FA4's call with the LSE, 
 merge that follows it (``attend_text_into``, a Triton kernel) at three launch configurations,
 ``joint`` (the text keys appended to K/V as FA4 key tiles: one call, no merge; ``joint_cat``
 with the concatenation) and, at batch > 1, ``per_batch`` (one batch-1 call per element).
-Writes ``fa4-mask-ab-TAG-STAMP.{json,md}``.
+Writes ``fa4-mask-ab-DEVICE-TAG-STAMP.{json,md}`` (``lvsa bench``'s record: versions, git
+commit, fa4's shipped mask_mod kind; files of 11-30 and before are ``fa4-mask-ab-TAG-STAMP``).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
 import torch
@@ -303,7 +303,7 @@ def text_pass(be, mask, problem, q, k, v, tk, tv, scale, iters, fa):
 
 
 def markdown(meta, records):
-    lines = [f"# fa4 mask_mod A/B ({meta['device']})", "", f"Command: `{meta['command']}`", "",
+    lines = [f"# fa4 mask_mod A/B ({meta['device_name']})", "", f"Command: `{meta['command']}`", "",
              "ms (median of %d), effective TFLOP/s, speed vs `table`; `true` and `nomask` give wrong "
              "outputs on purpose (bounds)." % meta["iters"], "",
              "| shape | partial tiles | " + " | ".join(meta["variants"]) + " | == table |",
@@ -337,12 +337,11 @@ def main(argv=None):
     from lvsa_cuda import fa4_backend as fa
 
     device = torch.device(args.device)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "command": "python3 benchmarks/fa4_mask_ab.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "iters": args.iters, "variants": args.variants, "shipped": fa.MASK_KIND, "torch": torch.__version__,
-            "fa4": fa._fa4_version()}
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"fa4-mask-ab-{args.tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # versions (flash-attn-4 among them), the git commit and fa4's shipped mask_mod kind: lvsa bench's record
+    meta = common.run_meta("python3 benchmarks/fa4_mask_ab.py", argv, device)
+    meta.update(device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                iters=args.iters, variants=args.variants)
+    base = common.out_base(args.out, "fa4-mask-ab", meta["device_before"], args.tag)
     records = []
     for name in args.shapes:
         records.append(bench(name, args.iters, device, fa, lambda m: print(m, flush=True), args.variants))

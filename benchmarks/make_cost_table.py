@@ -76,7 +76,7 @@ def build(paths):
     #: counts once per backend, from the newest file (by the run's date)
     newest = {}
     docs = [(p, json.loads(Path(p).read_text())) for p in paths]
-    # oldest first by the run's date (the given order where a file has none): newer files win
+    # oldest first by the run's date (files without one first, in the order given): newer files win
     docs.sort(key=lambda pd: pd[1]["meta"].get("date") or "")
     for p, doc in docs:
         dev = doc["meta"]["device"]

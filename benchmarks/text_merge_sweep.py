@@ -7,7 +7,7 @@ on one GPU, every output compared with the shipped configuration's.
 At HunyuanVideo 1.5 T_lat 65 + 256 text the merge took 1.12 ms of fa4's 65 ms call (the text
 is ~0.2 TFLOP: ~190 TFLOP/s). Configurations are ``(block_m, block_n, warps, stages)``; the
 shipped one is :data:`lvsa_cuda.triton_backend.TEXT_CONFIG`. Writes
-``text-merge-sweep-TAG-STAMP.{json,md}``.
+``text-merge-sweep-DEVICE-TAG-STAMP.{json,md}`` (with lvsa bench's record: versions, git commit).
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import argparse
 import itertools
 import json
 import os
-import sys
-import time
 
 import torch
 
@@ -68,13 +66,12 @@ def main(argv=None):
         records.append(rec)
         q = tk = tv = out0 = lse2 = want = None  # freed before the next shape
         torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
-            "command": "python3 benchmarks/text_merge_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"text-merge-sweep-{args.tag}-{time.strftime('%Y%m%d-%H%M%S')}")
+    meta = common.run_meta("python3 benchmarks/text_merge_sweep.py", argv, dev)
+    meta["device_name"] = torch.cuda.get_device_name(dev)
+    base = common.out_base(args.out, "text-merge-sweep", meta["device_before"], args.tag)
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1)
-    lines = [f"# Text merge launch sweep ({meta['device']})", "", f"Command: `{meta['command']}`", ""]
+    lines = [f"# Text merge launch sweep ({meta['device_name']})", "", f"Command: `{meta['command']}`", ""]
     for rec in records:
         lines += [f"## {rec['shape']} (batch {rec['batch']}, {rec['rows']} rows, {rec['text']} text keys): "
                   f"shipped {tuple(rec['shipped'])}, fastest {tuple(rec['fastest']) if rec['fastest'] else None}", "",

@@ -50,8 +50,11 @@ def test_ab_script_on_the_standin(fake_fa4, tmp_path, monkeypatch):
         for key in ("fa4_with_text_div_err", "fa4_with_text_table_err", "joint_err"):
             assert text[key] < 1e-2, (key, text)
     assert "per_batch_err" not in recs[1]["text"] and recs[2]["text"]["per_batch_err"] < 1e-2
-    (j,) = tmp_path.glob("fa4-mask-ab-t-*.json")
-    assert json.loads(j.read_text())["records"][0]["shape"] == "quick-wan-t41"
+    (j,) = tmp_path.glob("fa4-mask-ab-cpu-t-*.json")
+    doc = json.loads(j.read_text())
+    assert doc["records"][0]["shape"] == "quick-wan-t41"
+    assert doc["meta"]["code"]["backend_variants"]["fa4"] == "mask_mod=div"     # lvsa bench's record
+    assert "flash-attn-4" in doc["meta"]["versions"]
     assert "| quick-hy-t49-text |" in next(tmp_path.glob("*.md")).read_text()
 
 
